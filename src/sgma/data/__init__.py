@@ -1,0 +1,1 @@
+"""Datasets, modality dropout and the LightningDataModule."""

@@ -1,0 +1,1 @@
+"""Encoder, fusion, head and the segmentor that assembles them."""
