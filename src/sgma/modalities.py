@@ -82,9 +82,7 @@ def all_patterns(modalities: Sequence[Modality | str]) -> list[str]:
     This is the column order of the paper's tables (R, D, N, R+D, R+N, D+N, R+D+N).
     """
     names = names_of(modalities)
-    return [
-        format_pattern(combo) for k in range(1, len(names) + 1) for combo in itertools.combinations(names, k)
-    ]
+    return [format_pattern(combo) for k in range(1, len(names) + 1) for combo in itertools.combinations(names, k)]
 
 
 def pattern_mask(pattern: str | Sequence[str], modalities: Sequence[Modality | str]) -> tuple[bool, ...]:

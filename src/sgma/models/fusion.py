@@ -7,7 +7,7 @@ influence its output. It returns a :class:`FusionOutput` with the fused map (B, 
 for fusions that estimate it and only when asked, robustness maps (B, M, H, W) that are 0 on missing
 modalities and sum to 1 over the available ones.
 
-Fusions are listed by name in :data:`FUSIONS`; ``model.fusion=<name>`` picks one and
+Fusions are listed by name in :data:`sgma.models.FUSIONS`; ``model.fusion=<name>`` picks one and
 ``model.fusion_options`` passes keyword arguments to its constructor.
 """
 
@@ -82,22 +82,3 @@ class ConcatFusion(Fusion):
     def fuse(self, feats: Tensor, available: Tensor, *, return_robustness: bool) -> FusionOutput:
         stacked = zero_missing(feats, available).flatten(1, 2)  # (B, M*C, H, W)
         return FusionOutput(fused=self.project(stacked))
-
-
-FUSIONS: dict[str, type[Fusion]] = {
-    "mean": MeanFusion,
-    "concat": ConcatFusion,
-}
-
-
-def build_fusion(
-    name: str, *, in_channels: list[int], num_modalities: int, num_classes: int, **options
-) -> nn.ModuleList:
-    """One fusion module per encoder scale."""
-    if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; choose one of {', '.join(FUSIONS)} (model.fusion=...)")
-    cls = FUSIONS[name]
-    return nn.ModuleList(
-        cls(in_channels=c, num_modalities=num_modalities, num_classes=num_classes, **options)
-        for c in in_channels
-    )

@@ -1,0 +1,274 @@
+"""SGF (Semantic-Guided Fusion): the per-scale fusion of SGMA, robust to missing modalities.
+
+Pipeline at one scale (see ``docs/METHOD.md``), for features (B, M, C, H, W) and availability (B, M):
+
+1. :class:`ModalityProjector` (one per modality) -> modality tokens x_m (B, M, D, H, W).
+2. :class:`SemanticFilter` (shared 1x1 conv) -> class response maps c_m (B, M, K, H, W).
+3. :class:`SemanticPrototypes` -> one D-dim prototype per class, pooled over every available modality and
+   position (B, K, D).
+4. :class:`SpatialPerceptron`: at every pixel the K prototypes attend over that pixel's available modality
+   tokens; averaged over classes -> semantic reference f_se (B, D, H, W).
+5. :class:`RobustnessPerceptron`: f_se attends over the modality tokens; the output is the fused feature,
+   the head-averaged attention weights are the robustness maps r (B, M, H, W).
+
+Missing modalities are excluded everywhere by masking, never by their (zeroed) values: their inputs are
+replaced by exact zeros with ``torch.where`` before any arithmetic (so NaN/inf garbage cannot leak), their
+tokens are zeroed again after projection, their attention logits are -inf, and every masked softmax is
+followed by ``torch.where(mask, w, 0)`` so their weights are exactly 0.
+
+Choices that are ours where the paper is silent:
+
+- **Projector merge and norm**: the three depthwise branches (11x11, 7x7, 3x3) are summed, then
+  **GroupNorm** + GELU, then a 1x1 conv to the embedding dim. GroupNorm normalises each sample on its own,
+  so the zeroed slot of a missing modality never enters another sample's statistics, train or eval, and
+  every projector can still run on the whole batch with static shapes (``torch.compile`` friendly). This
+  rules out BatchNorm, whose batch statistics would mix in the missing samples (and is noisy at the
+  paper's batch of 2 per GPU). The cost is that projectors also run on missing slots; their output is
+  discarded.
+- **Embedding dim**: ``embed_dim`` defaults to the scale's input channels, so the fused map keeps the
+  encoder's channel count.
+- **Prototype normalisation**: the printed equation is dimensionally inconsistent; we use OCRNet-style
+  region pooling, a softmax of each class map over all positions of all available modalities jointly
+  (one distribution per class), times the modality tokens.
+- **Class average in SP**: ``"uniform"`` (1/K per class query) or ``"weighted"`` (per-pixel class
+  posteriors softmax_K(c_m), averaged over the available modalities).
+- **Attention layout**: standard multi-head scaled dot-product attention with linear q/k/v and output
+  projections (bias on), no residual, norm or MLP around it; SP and RP have separate parameters. Softmaxes
+  run in float32 for stable masking under bf16 autocast.
+
+Efficiency: prototypes are projected once per image (q = W_q P, (B, heads, K, d)) and contracted with the
+per-pixel keys by einsum over (batch, heads, K, M, H, W). Because the class average is linear, the SP
+attention weights are averaged over classes *before* they meet the values, so the only K-sized tensor per
+pixel is the attention map itself, O(B*heads*K*M*H*W); nothing of size K*D*H*W is ever materialised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from sgma.models.fusion import Fusion, FusionOutput, zero_missing
+
+ClassAverage = Literal["uniform", "weighted"]
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half/bf16 to float32, keep float32/float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """Softmax over ``dim`` restricted to ``mask``; masked entries are exactly 0, even for NaN logits.
+
+    ``mask`` broadcasts against ``logits``; every slice along ``dim`` must hold one True entry at least.
+    Computed in float32 at least (bf16 would lose the 1-sum) and returned in that dtype.
+    """
+    masked = torch.where(mask, at_least_fp32(logits), float("-inf"))
+    if isinstance(dim, int):
+        weights = masked.softmax(dim=dim)
+    else:  # joint softmax over several axes: subtract the max, normalise by the joint sum
+        masked = masked - masked.amax(dim=dim, keepdim=True)
+        exp = masked.exp()
+        weights = exp / exp.sum(dim=dim, keepdim=True)
+    return torch.where(mask, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+
+
+class ModalityProjector(nn.Module):
+    """MP: multi-scale depthwise context (11x11 + 7x7 + 3x3, summed), GroupNorm + GELU, 1x1 to embed dim.
+
+    Large depthwise kernels give each modality a wide, cheap receptive field before the per-pixel
+    attention, which otherwise sees one pixel at a time.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        embed_dim: int,
+        kernel_sizes: tuple[int, ...] = (11, 7, 3),
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        assert all(k % 2 == 1 for k in kernel_sizes), f"kernel sizes must be odd, got {kernel_sizes}"
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, in_channels, kernel_size=k, padding=k // 2, groups=in_channels) for k in kernel_sizes
+        )
+        self.norm = nn.GroupNorm(math.gcd(norm_groups, in_channels), in_channels)
+        self.act = nn.GELU()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, D, H, W)
+        context = sum(branch(x) for branch in self.branches)
+        return self.proj(self.act(self.norm(context)))
+
+
+class SemanticFilter(nn.Module):
+    """CSF: one 1x1 conv shared by all modalities, so class maps of different modalities are comparable."""
+
+    def __init__(self, *, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, M, D, H, W) -> (B, M, K, H, W)
+        b = tokens.shape[0]
+        maps = self.classifier(rearrange(tokens, "b m d h w -> (b m) d h w"))
+        return rearrange(maps, "(b m) k h w -> b m k h w", b=b)
+
+
+class SemanticPrototypes(nn.Module):
+    """Global class prototypes, pooled jointly over all positions of all available modalities.
+
+    Each class map is turned into one spatial distribution over (M, H, W) by a masked softmax, so a
+    prototype is a convex combination of available tokens only (OCRNet-style region pooling).
+    """
+
+    def forward(self, tokens: Tensor, class_maps: Tensor, available: Tensor) -> Tensor:
+        # tokens (B, M, D, H, W), class_maps (B, M, K, H, W), available (B, M) -> prototypes (B, K, D)
+        mask = available[:, :, None, None, None]  # (B, M, 1, 1, 1)
+        weights = masked_softmax(class_maps, mask, dim=(1, 3, 4))  # (B, M, K, H, W), sums to 1 per (b, k)
+        return torch.einsum("bmkhw,bmdhw->bkd", weights.to(tokens.dtype), tokens)
+
+
+class SpatialPerceptron(nn.Module):
+    """SP: at every pixel the K prototypes query that pixel's available modality tokens.
+
+    Prototypes are projected once per image; the class average is applied to the attention weights before
+    the values, which is exact because the average and the value contraction are both linear.
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (embed_dim // num_heads) ** -0.5
+        self.to_q = nn.Linear(embed_dim, embed_dim)
+        self.to_kv = nn.Conv2d(embed_dim, 2 * embed_dim, kernel_size=1)
+        self.to_out = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+
+    def forward(self, prototypes: Tensor, tokens: Tensor, available: Tensor, class_weights: Tensor) -> Tensor:
+        # prototypes (B, K, D), tokens (B, M, D, H, W), available (B, M),
+        # class_weights (B, K, H, W) summing to 1 over K -> f_se (B, D, H, W)
+        b, h = tokens.shape[0], self.num_heads
+        q = rearrange(self.to_q(prototypes), "b k (h d) -> b h k d", h=h)  # once per image, not per pixel
+        kv = self.to_kv(rearrange(tokens, "b m d x y -> (b m) d x y"))
+        k, v = rearrange(kv, "(b m) (two h d) x y -> two b h m d x y", b=b, two=2, h=h)  # (B, h, M, d, H, W)
+        logits = torch.einsum("bhkd,bhmdxy->bhkmxy", q, k) * self.scale  # (B, h, K, M, H, W)
+        attn = masked_softmax(logits, available[:, None, None, :, None, None], dim=3)
+        # class average on the weights, before the values: (B, h, M, H, W)
+        attn = torch.einsum("bhkmxy,bkxy->bhmxy", attn, class_weights.to(attn.dtype))
+        out = torch.einsum("bhmxy,bhmdxy->bhdxy", attn.to(v.dtype), v)  # (B, h, d, H, W)
+        return self.to_out(rearrange(out, "b h d x y -> b (h d) x y"))
+
+
+class RobustnessPerceptron(nn.Module):
+    """RP: the semantic reference queries the modality tokens; its weights say how much each modality counts.
+
+    The weights (head-averaged) are the robustness maps: a per-pixel distribution over available
+    modalities, learned only through the segmentation loss.
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (embed_dim // num_heads) ** -0.5
+        self.to_q = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+        self.to_kv = nn.Conv2d(embed_dim, 2 * embed_dim, kernel_size=1)
+        self.to_out = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+
+    def forward(
+        self, query: Tensor, tokens: Tensor, available: Tensor, *, return_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        # query (B, D, H, W), tokens (B, M, D, H, W), available (B, M)
+        # -> fused (B, D, H, W), robustness (B, M, H, W) or None
+        b, h = tokens.shape[0], self.num_heads
+        q = rearrange(self.to_q(query), "b (h d) x y -> b h d x y", h=h)
+        kv = self.to_kv(rearrange(tokens, "b m d x y -> (b m) d x y"))
+        k, v = rearrange(kv, "(b m) (two h d) x y -> two b h m d x y", b=b, two=2, h=h)  # (B, h, M, d, H, W)
+        logits = torch.einsum("bhdxy,bhmdxy->bhmxy", q, k) * self.scale  # (B, h, M, H, W)
+        attn = masked_softmax(logits, available[:, None, :, None, None], dim=2)
+        out = torch.einsum("bhmxy,bhmdxy->bhdxy", attn.to(v.dtype), v)  # (B, h, d, H, W)
+        fused = self.to_out(rearrange(out, "b h d x y -> b (h d) x y"))
+        return fused, (attn.mean(dim=1) if return_weights else None)
+
+
+class SemanticGuidedFusion(Fusion):
+    """SGF: class prototypes guide a per-pixel, mask-aware attention fusion of the available modalities.
+
+    Args:
+        in_channels: channels C of this encoder scale.
+        num_modalities: M, one projector each.
+        num_classes: K, one prototype / class query each.
+        embed_dim: token dim D (``None``: C); also the output channels.
+        num_heads: attention heads of SP and RP; must divide ``embed_dim``.
+        class_average: how SP averages its K class outputs, ``"uniform"`` or ``"weighted"`` (per-pixel
+            class posteriors averaged over the available modalities).
+        kernel_sizes: depthwise kernels of the projectors.
+        norm_groups: GroupNorm groups of the projectors (reduced to gcd with C).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_modalities: int,
+        num_classes: int,
+        embed_dim: int | None = None,
+        num_heads: int = 1,
+        class_average: ClassAverage = "uniform",
+        kernel_sizes: tuple[int, ...] = (11, 7, 3),
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__(in_channels=in_channels, num_modalities=num_modalities, num_classes=num_classes)
+        embed_dim = in_channels if embed_dim is None else embed_dim
+        if num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(
+                f"SGF: embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
+                f"(set model.fusion_options.num_heads to a divisor of {embed_dim})"
+            )
+        if class_average not in ("uniform", "weighted"):
+            raise ValueError(f"SGF: class_average must be 'uniform' or 'weighted', got {class_average!r}")
+        self.embed_dim = embed_dim
+        self.out_channels = embed_dim
+        self.num_heads = num_heads
+        self.class_average = class_average
+        self.projectors = nn.ModuleList(
+            ModalityProjector(
+                in_channels=in_channels,
+                embed_dim=embed_dim,
+                kernel_sizes=tuple(kernel_sizes),
+                norm_groups=norm_groups,
+            )
+            for _ in range(num_modalities)
+        )
+        self.semantic_filter = SemanticFilter(embed_dim=embed_dim, num_classes=num_classes)
+        self.prototypes = SemanticPrototypes()
+        self.spatial = SpatialPerceptron(embed_dim=embed_dim, num_heads=num_heads)
+        self.robustness = RobustnessPerceptron(embed_dim=embed_dim, num_heads=num_heads)
+
+    def tokens(self, feats: Tensor, available: Tensor) -> Tensor:
+        """Project each modality; missing slots are zero in, zero out: (B, M, C, H, W) -> (B, M, D, H, W)."""
+        feats = zero_missing(feats, available)
+        tokens = torch.stack([proj(feats[:, i]) for i, proj in enumerate(self.projectors)], dim=1)
+        return zero_missing(tokens, available)  # the conv biases made them non-zero
+
+    def class_weights(self, class_maps: Tensor, available: Tensor) -> Tensor:
+        """Per-pixel weights of the K class queries in SP, summing to 1 over K: (B, K, H, W)."""
+        b, _, k, h, w = class_maps.shape
+        if self.class_average == "uniform":
+            dtype = torch.promote_types(class_maps.dtype, torch.float32)
+            return torch.full((b, k, h, w), 1.0 / k, dtype=dtype, device=class_maps.device)
+        posteriors = at_least_fp32(class_maps).softmax(dim=2)  # (B, M, K, H, W)
+        posteriors = torch.where(available[:, :, None, None, None], posteriors, torch.zeros_like(posteriors))
+        count = available.sum(dim=1).to(posteriors.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        return posteriors.sum(dim=1) / count
+
+    def fuse(self, feats: Tensor, available: Tensor, *, return_robustness: bool) -> FusionOutput:
+        tokens = self.tokens(feats, available)  # (B, M, D, H, W)
+        class_maps = self.semantic_filter(tokens)  # (B, M, K, H, W)
+        prototypes = self.prototypes(tokens, class_maps, available)  # (B, K, D)
+        f_se = self.spatial(prototypes, tokens, available, self.class_weights(class_maps, available))
+        fused, robustness = self.robustness(f_se, tokens, available, return_weights=return_robustness)
+        return FusionOutput(fused=fused, robustness=robustness)

@@ -1,0 +1,104 @@
+"""The pattern table: console rendering and ``patterns.{csv,json,md}`` files written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sgma.metrics import PatternReport
+
+SUMMARY_LABELS = {"avg": "Average", "top1": "Top-1", "last1": "Last-1"}
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _rows(report: PatternReport) -> tuple[list[str], list[list[str]]]:
+    header = ["pattern", "mIoU", "mF1", "OA", *[f"IoU {c}" for c in report.class_names]]
+    rows = [
+        [r.pattern, _pct(r.miou), _pct(r.mf1), _pct(r.oa), *[_pct(r.iou[c]) for c in report.class_names]]
+        for r in report.patterns
+    ]
+    for key, values in report.summaries.items():
+        label = SUMMARY_LABELS.get(key, f"E[mIoU] p={key[1:]}" if key.startswith("p") else key)
+        rows.append(
+            [label, _pct(values["miou"]), _pct(values.get("mf1", math.nan)), _pct(values.get("oa", math.nan))]
+            + [""] * len(report.class_names)
+        )
+    return header, rows
+
+
+def render_table(report: PatternReport, *, title: str) -> Table:
+    header, rows = _rows(report)
+    table = Table(title=title, show_lines=False)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    n_patterns = len(report.patterns)
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=i == n_patterns - 1)
+    return table
+
+
+def print_table(report: PatternReport, *, title: str, console: Console | None = None) -> None:
+    (console or Console(width=200)).print(render_table(report, title=title))
+
+
+def to_markdown(report: PatternReport, *, title: str) -> str:
+    header, rows = _rows(report)
+    lines = [f"# {title}", ""]
+    if report.excluded_classes:
+        lines += [
+            f"mIoU and mF1 exclude: {', '.join(report.excluded_classes)} (OA counts every labelled pixel).",
+            "",
+        ]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: PatternReport) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["pattern", "miou", "mf1", "oa", *[f"iou_{c}" for c in report.class_names]])
+    for r in report.patterns:
+        writer.writerow([r.pattern, r.miou, r.mf1, r.oa, *[r.iou[c] for c in report.class_names]])
+    for key, values in report.summaries.items():
+        writer.writerow([key, values["miou"], values.get("mf1", ""), values.get("oa", "")])
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a table."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: PatternReport, out_dir: str | Path, *, title: str, meta: dict | None = None) -> list[Path]:
+    """Write ``patterns.csv``, ``patterns.json`` and ``patterns.md`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, **(meta or {}), **report.to_dict()}
+    files = {
+        out / "patterns.csv": to_csv(report),
+        out / "patterns.json": json.dumps(payload, indent=2, allow_nan=True) + "\n",
+        out / "patterns.md": to_markdown(report, title=title),
+    }
+    for path, text in files.items():
+        _atomic_write(path, text)
+    return list(files)

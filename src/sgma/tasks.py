@@ -1,0 +1,207 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: the tasks behind the root ``train.py`` and ``eval.py``.
+
+Both are plain functions of a composed Hydra config, so tests call them directly. Objects are built in one
+place (:func:`build_datamodule`, :func:`build_module`) so a checkpoint's stored config rebuilds exactly the
+trained model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import sgma
+from sgma.data.datamodule import MultiModalDataModule
+from sgma.module import SegmentationModule
+from sgma.reporting import print_table, write_report
+from sgma.utils import callbacks_and_loggers, instantiate, task_wrapper
+
+log = logging.getLogger("sgma")
+
+# Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates; harmless, and fixed upstream in Lightning.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=Warning)
+
+CHECKPOINT_KEY = "sgma"
+
+
+def build_datamodule(cfg: DictConfig) -> MultiModalDataModule:
+    data = cfg.data
+    return MultiModalDataModule(
+        dataset=instantiate(cfg.dataset.builder),
+        splits=OmegaConf.to_container(cfg.dataset.splits, resolve=True),
+        missing=instantiate(cfg.missing),
+        batch_size=data.batch_size,
+        eval_batch_size=data.get("eval_batch_size"),
+        num_workers=data.num_workers,
+        pin_memory=data.get("pin_memory", False),
+        val_patterns=data.val_patterns,
+        test_patterns=data.test_patterns,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig, dm: MultiModalDataModule) -> SegmentationModule:
+    # dataset facts flow to the model here, never as literals in configs
+    net = instantiate(cfg.model, modalities=dm.modalities, num_classes=dm.num_classes)
+    return SegmentationModule(
+        net=net,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        patterns=dm.patterns,
+        class_names=dm.classes,
+        exclude_classes=cfg.dataset.get("exclude_classes") or [],
+        missing_probs=cfg.eval.missing_probs,
+    )
+
+
+def resolved_dict(cfg: DictConfig) -> dict:
+    """The run config as plain data, interpolations resolved, without Hydra's own ``hydra`` node."""
+    return {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }
+
+
+class StoreConfig(Callback):
+    """Puts the resolved run config into every checkpoint so ``eval.py`` can rebuild the model."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config, "version": sgma.__version__}
+
+
+def _check_checkpoint_path(path: str | None, *, what: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        hint = " (it is a folder: point at a .ckpt file inside, e.g. checkpoints/last.ckpt)" if p.is_dir() else ""
+        raise FileNotFoundError(f"{what}={str(path)!r}: no such checkpoint file{hint}")
+    return p
+
+
+def _log_hyperparameters(loggers: list, cfg_dict: dict, dm: MultiModalDataModule, module: SegmentationModule) -> None:
+    params = sum(p.numel() for p in module.net.parameters())
+    for logger in loggers:
+        logger.log_hyperparams({**cfg_dict, "model/params": params, "data/modalities": [m.name for m in dm.modalities]})
+
+
+def _report(module: SegmentationModule, split: str, out_dir: Path, *, title: str, meta: dict) -> dict:
+    report = module.reports[split]
+    files = write_report(report, out_dir, title=title, meta=meta)
+    print_table(report, title=title)
+    log.info("pattern table written to %s", ", ".join(str(f) for f in files))
+    return report.metrics(split)
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit on the train split (validating every pattern), then test the best checkpoint on every pattern."""
+    L.seed_everything(cfg.seed, workers=True)
+    resume = _check_checkpoint_path(cfg.get("ckpt_path"), what="ckpt_path")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = resolved_dict(cfg)
+    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
+
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    callbacks, loggers = callbacks_and_loggers(cfg)
+    callbacks.append(StoreConfig(cfg_dict))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _log_hyperparameters(loggers, cfg_dict, dm, module)
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info("testing the best checkpoint %s", best)
+        else:
+            log.warning("no best checkpoint (validation disabled?): testing the current weights")
+        trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False)
+        if trainer.is_global_zero:
+            metrics.update(
+                _report(
+                    module,
+                    "test",
+                    out_dir,
+                    title=f"test split, {cfg.dataset.name}, {cfg.backbone.name}, fusion={cfg.model.fusion}",
+                    meta={"split": "test", "checkpoint": best or None, "config": cfg_dict},
+                )
+            )
+    return metrics, {"cfg": cfg, "datamodule": dm, "module": module, "trainer": trainer}
+
+
+def load_checkpoint(path: str | None) -> dict:
+    p = _check_checkpoint_path(path, what="ckpt_path")
+    if p is None:
+        raise ValueError("eval needs ckpt_path=PATH to a checkpoint written by train.py")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not read checkpoint {str(p)!r} ({type(err).__name__}: {err}); is it complete?"
+        ) from err
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise RuntimeError(
+            f"checkpoint {str(p)!r} has no stored sgma config; only checkpoints written by this project's train.py "
+            f"can be evaluated with eval.py"
+        )
+    return ckpt
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rebuild the model from the checkpoint's stored config and score every requested pattern of a split."""
+    ckpt = load_checkpoint(cfg.get("ckpt_path"))
+    run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
+    with open_dict(run_cfg):
+        if cfg.get("dataset"):
+            run_cfg.dataset = cfg.dataset
+        for key in ("batch_size", "num_workers"):
+            if cfg.get(key) is not None:
+                run_cfg.data[key if key != "batch_size" else "eval_batch_size"] = cfg[key]
+        if cfg.get("missing_probs") is not None:
+            run_cfg.eval.missing_probs = cfg.missing_probs
+    L.seed_everything(run_cfg.seed, workers=True)
+    dm = build_datamodule(run_cfg)
+    module = build_module(run_cfg, dm)
+    module.load_state_dict(ckpt["state_dict"])
+    split = cfg.split
+    patterns = dm.eval_patterns(split, cfg.get("patterns"))
+    module.test_split = split  # metric keys and the report are named after the evaluated split
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=cfg.paths.output_dir,
+    )
+    trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns))
+    out_dir = Path(cfg.paths.output_dir)
+    metrics = _report(
+        module,
+        split,
+        out_dir,
+        title=f"{split} split, {run_cfg.dataset.name}, {run_cfg.backbone.name}, fusion={run_cfg.model.fusion}",
+        meta={"split": split, "checkpoint": str(cfg.ckpt_path), "config": OmegaConf.to_container(run_cfg)},
+    )
+    nan = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
+    if nan:
+        log.warning("metrics without labelled pixels (NaN): %s", ", ".join(nan))
+    return metrics, {"cfg": run_cfg, "datamodule": dm, "module": module, "trainer": trainer}

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real Hydra config composed once per session, copied per test into tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from sgma.config import CONFIG_DIR, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+# W&B must never try the network in tests; offline runs still write real run files
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose(config_name=name, return_hydra_config=True, overrides=overrides or [])
+
+
+def bind_to(cfg: DictConfig, out_dir: Path) -> DictConfig:
+    """Point the run at ``out_dir`` and register the hydra node so ``${hydra:...}`` resolves."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.paths.log_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cfg_train_global() -> DictConfig:
+    return compose_config("train", ["debug=tiny", "logger=csv"])
+
+
+@pytest.fixture
+def cfg_train(cfg_train_global: DictConfig, tmp_path: Path) -> DictConfig:
+    yield bind_to(cfg_train_global, tmp_path)
+    GlobalHydra.instance().clear()

@@ -1,0 +1,110 @@
+"""Every option of every config group composes with real Hydra and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from conftest import bind_to, compose_config
+from sgma.config import CONFIG_DIR, register_configs
+from sgma.tasks import build_datamodule, build_module
+from sgma.utils import instantiate, instantiate_dict
+
+GROUPS = [
+    "dataset",
+    "backbone",
+    "model",
+    "missing",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "experiment",
+]
+
+
+def options(group: str) -> list[str]:
+    files = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    register_configs()
+    stored = ConfigStore.instance().repo.get(group, {})
+    return files + sorted(name.removesuffix(".yaml") for name in stored)
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group} is empty"
+    assert "rgb+dsm" in options("missing") and "uniform" in options("missing")
+
+
+def _build(cfg, tmp_path: Path):
+    cfg = bind_to(cfg, tmp_path)
+    with open_dict(cfg):
+        # instantiation only: no downloads and no GPU in tests; composition keeps the option's values
+        cfg.backbone.pretrained = False
+        cfg.trainer.accelerator = "cpu"
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        trainer_cfg.devices = 1
+        trainer_cfg.pop("strategy", None)
+        trainer_cfg.pop("sync_batchnorm", None)
+    trainer = instantiate(trainer_cfg, logger=False)
+    return dm, module, trainer, instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in options(g) if not (g == "missing" and "sar" in o)]
+)
+def test_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = compose_config("train", ["debug=tiny", f"{group}={option}"])
+    assert cfg.hydra.runtime.choices[group] == option
+    dm, module, trainer, callbacks, loggers = _build(cfg, tmp_path)
+    assert module.net.num_classes == dm.num_classes
+    assert trainer.max_epochs >= 1 and isinstance(callbacks, list) and isinstance(loggers, list)
+
+
+def test_sar_patterns_need_the_sar_modality(tmp_path):
+    cfg = compose_config("train", ["debug=tiny", "missing=rgb+sar"])
+    with pytest.raises(ValueError, match=r"unknown modality 'sar'.*rgb, nir, dsm"):
+        _build(cfg, tmp_path)
+    cfg = compose_config("train", ["debug=tiny", "missing=rgb+sar", "dataset.builder.modalities=[rgb,nir,dsm,sar]"])
+    dm, *_ = _build(cfg, tmp_path)
+    assert len(dm.patterns) == 15
+
+
+def test_backbone_variants_resolve():
+    assert compose_config("train", ["backbone=segformer", "backbone.variant=b2"]).backbone.name == "mit_b2"
+    assert compose_config("train", ["backbone=pvt_v2"]).backbone.name == "tu-pvt_v2_b2"
+    assert compose_config("train", ["backbone=resnet", "backbone.variant=18"]).backbone.name == "resnet18"
+
+
+def test_paper_recipe_values():
+    cfg = compose_config("train", ["experiment=paper"])
+    assert cfg.backbone.name == "tu-pvt_v2_b2" and cfg.backbone.pretrained is True
+    assert cfg.optimizer.lr == 6e-5 and cfg.optimizer.weight_decay == 0.01 and cfg.optimizer.eps == 1e-8
+    assert cfg.trainer.max_epochs == 200 and cfg.scheduler.warmup_fraction == 0.05
+    assert cfg.scheduler.start_factor == 0.1 and cfg.scheduler.power == 0.9
+
+
+def test_unknown_pattern_option_lists_choices():
+    with pytest.raises(ConfigCompositionException, match=r"rgb\+dsm"):
+        compose_config("train", ["missing=rgb+lidar"])
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path):
+    cfg = compose_config("train", ["debug=tiny", "backbone.name=mit_b42"])
+    with pytest.raises(ValueError, match="unknown backbone 'mit_b42'"):
+        _build(cfg, tmp_path)
+
+
+def test_image_size_not_multiple_of_32(tmp_path):
+    cfg = compose_config("train", ["debug=tiny", "dataset.builder.image_size=100"])
+    with pytest.raises(ValueError, match=r"multiple of 32.*96"):
+        _build(cfg, tmp_path)

@@ -1,0 +1,109 @@
+"""Modality dropout policies, samplers and the data module on the real synthetic dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgma.data.datamodule import MultiModalDataModule, PatternGridSampler, RandomPatternSampler
+from sgma.data.missing import BernoulliDropout, FixedPattern, FullModalities, UniformPatterns
+from sgma.data.synthetic import SyntheticScenes
+from sgma.modalities import all_patterns
+
+MODS = ("rgb", "nir", "dsm")
+PATTERNS = all_patterns(MODS)
+
+
+def draw(policy, n=20000, seed=0):
+    policy.bind(MODS)
+    return policy.draw(np.random.default_rng(seed), n)
+
+
+def test_uniform_covers_all_patterns_evenly():
+    counts = np.bincount(draw(UniformPatterns()), minlength=7) / 20000
+    assert np.allclose(counts, 1 / 7, atol=0.01)
+
+
+def test_uniform_over_a_subset():
+    ids = draw(UniformPatterns(["rgb", "dsm+rgb"]))
+    assert set(ids.tolist()) == {PATTERNS.index("rgb"), PATTERNS.index("rgb+dsm")}
+
+
+def test_fixed_and_full():
+    assert set(draw(FixedPattern("dsm+rgb")).tolist()) == {PATTERNS.index("rgb+dsm")}
+    assert set(draw(FullModalities()).tolist()) == {PATTERNS.index("rgb+nir+dsm")}
+
+
+def test_bernoulli_matches_the_conditional_law():
+    ids = draw(BernoulliDropout(p={"rgb": 0.2, "nir": 0.5, "dsm": 0.5}), n=40000)
+    drop = np.array([0.2, 0.5, 0.5])
+    masks = np.array([[m in p.split("+") for m in MODS] for p in PATTERNS])
+    law = np.prod(np.where(masks, 1 - drop, drop), axis=1)
+    law /= law.sum()
+    assert np.allclose(np.bincount(ids, minlength=7) / 40000, law, atol=0.01)
+
+
+def test_policy_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"unknown modality 'sar'.*rgb, nir, dsm"):
+        FixedPattern("rgb+sar").bind(MODS)
+    with pytest.raises(ValueError, match=r"\['sar'\]"):
+        BernoulliDropout(p={"sar": 0.5}).bind(MODS)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        BernoulliDropout(p=1.0).bind(MODS)
+
+
+def test_random_sampler_is_deterministic_per_epoch():
+    policy = UniformPatterns()
+    policy.bind(MODS)
+    sampler = RandomPatternSampler(50, policy, seed=3)
+    first = list(sampler)
+    assert list(sampler) == first
+    assert sorted(i for i, _ in first) == list(range(50))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_grid_sampler_visits_every_pair_once():
+    keys = list(PatternGridSampler(4, [0, 5]))
+    assert keys == [(i, p) for p in (0, 5) for i in range(4)]
+
+
+def make_dm(**kw) -> MultiModalDataModule:
+    def factory(split, num_samples):
+        return SyntheticScenes(split, num_samples=num_samples, image_size=64)
+
+    splits = {"train": {"num_samples": 8}, "val": {"num_samples": 3}, "test": {"num_samples": 3}}
+    return MultiModalDataModule(dataset=factory, splits=splits, batch_size=4, **kw)
+
+
+def test_samples_zero_missing_and_flag_availability():
+    dm = make_dm(missing=FixedPattern("rgb+dsm"))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["available"].tolist() == [[True, False, True]] * 4
+    assert torch.count_nonzero(batch["nir"]) == 0
+    assert batch["rgb"].dtype == torch.float32 and batch["rgb"].shape == (4, 3, 64, 64)
+    assert batch["mask"].dtype == torch.int64 and batch["mask"].shape == (4, 64, 64)
+    assert (batch["pattern"] == PATTERNS.index("rgb+dsm")).all()
+    # normalised with the dataset's statistics: roughly zero mean, unit spread
+    assert abs(float(batch["rgb"].mean())) < 1.0 and 0.2 < float(batch["rgb"].std()) < 3.0
+
+
+def test_eval_loader_iterates_every_pattern():
+    dm = make_dm()
+    seen = torch.cat([b["pattern"] for b in dm.val_dataloader()])
+    assert torch.equal(torch.bincount(seen, minlength=7), torch.full((7,), 3))
+    subset = torch.cat([b["pattern"] for b in dm.eval_dataloader("test", ["nir", "rgb+nir"])])
+    assert set(subset.tolist()) == {PATTERNS.index("nir"), PATTERNS.index("rgb+nir")}
+
+
+def test_datamodule_facts_and_errors():
+    dm = make_dm()
+    assert [m.name for m in dm.modalities] == list(MODS)
+    assert dm.num_classes == 6 and dm.classes[1] == "building"
+    with pytest.raises(ValueError, match="unknown modality 'sar'"):
+        make_dm(missing=FixedPattern("sar"))
+    with pytest.raises(ValueError, match="unknown modality 'sar'"):
+        make_dm(val_patterns=["rgb", "sar"])
+    with pytest.raises(ValueError, match="unknown split"):
+        dm.dataset("holdout")

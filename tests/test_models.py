@@ -1,0 +1,150 @@
+"""Encoder, fusion and segmentor on real tiny smp/timm models (random init, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgma.modalities import Modality, all_patterns, pattern_mask
+from sgma.models import FUSIONS, build_fusion
+from sgma.models.encoder import build_encoder, validate_backbone_name
+from sgma.models.fusion import ConcatFusion, MeanFusion
+from sgma.models.segmentor import MultiModalSegmentor
+
+MODS = (
+    Modality("rgb", 3, (0.0,) * 3, (1.0,) * 3),
+    Modality("nir", 1, (0.0,), (1.0,)),
+    Modality("dsm", 1, (0.0,), (1.0,)),
+)
+MASKS = torch.tensor([pattern_mask(p, MODS) for p in all_patterns(MODS)])  # (7, 3)
+
+
+def inputs(b: int, size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {m.name: torch.randn(b, m.channels, size, size, generator=g) for m in MODS}
+
+
+def with_garbage(x: dict[str, torch.Tensor], available: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fill every missing modality slot with huge values and NaN."""
+    out = {}
+    for i, m in enumerate(MODS):
+        t = x[m.name].clone()
+        t[~available[:, i]] = float("nan")
+        t[~available[:, i], :, :2] = 1e6
+        out[m.name] = t
+    return out
+
+
+@pytest.mark.parametrize("cls", [MeanFusion, ConcatFusion])
+@pytest.mark.parametrize("training", [True, False])
+def test_fusion_ignores_missing_modalities(cls, training):
+    torch.manual_seed(0)
+    fusion = cls(in_channels=8, num_modalities=3, num_classes=6).train(training)
+    feats = torch.randn(7, 3, 8, 5, 5)
+    ref = fusion(feats, MASKS).fused
+    garbage = feats.clone()
+    garbage[~MASKS] = float("nan")
+    out = fusion(garbage, MASKS).fused
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+
+
+def test_mean_fusion_is_the_average_of_available():
+    feats = torch.randn(7, 3, 4, 2, 2)
+    out = MeanFusion(in_channels=4, num_modalities=3, num_classes=2)(feats, MASKS).fused
+    for i, mask in enumerate(MASKS):
+        torch.testing.assert_close(out[i], feats[i, mask].mean(dim=0))
+
+
+def test_fusion_rejects_empty_pattern():
+    with pytest.raises(AssertionError, match="at least one available"):
+        MeanFusion(in_channels=4, num_modalities=3, num_classes=2)(torch.zeros(1, 3, 4, 2, 2), torch.zeros(1, 3).bool())
+
+
+def test_unknown_fusion():
+    with pytest.raises(ValueError, match=r"unknown fusion 'sum'.*mean, concat, sgf"):
+        build_fusion("sum", in_channels=[4], num_modalities=2, num_classes=2)
+
+
+@pytest.mark.parametrize("backbone", ["mit_b0", "tu-pvt_v2_b0", "resnet18"])
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_segmentor_every_family_and_fusion(backbone, fusion):
+    torch.manual_seed(0)
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone=backbone, fusion=fusion, decoder_channels=32)
+    x = inputs(7)
+    out = net(x, MASKS, return_robustness=True)
+    assert out.logits.shape == (7, 6, 64, 64)
+    assert torch.isfinite(out.logits).all()
+    if fusion == "sgf":
+        assert [tuple(r.shape) for r in out.robustness] == [(7, 3, 16 // s, 16 // s) for s in (1, 2, 4, 8)]
+    else:
+        assert out.robustness is None
+    # eval mode: the output must not depend on what a missing modality's tensor holds
+    net.eval()
+    with torch.no_grad():
+        ref = net(x, MASKS).logits
+        torch.testing.assert_close(net(with_garbage(x, MASKS), MASKS).logits, ref)
+
+
+def test_missing_modalities_are_not_encoded():
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", decoder_channels=32)
+    seen = []
+    net.encoder.encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    net(inputs(7), MASKS)
+    assert seen == [int(MASKS.sum())]  # one batched pass over the 12 available (sample, modality) pairs
+
+
+def test_per_modality_encoders_and_conv_stem():
+    net = MultiModalSegmentor(
+        modalities=MODS,
+        num_classes=6,
+        backbone="mit_b0",
+        shared_encoder=False,
+        input_adapter="conv",
+        decoder_channels=32,
+    )
+    assert set(net.encoder.encoders) == {"rgb", "nir", "dsm"}
+    out = net(inputs(7), MASKS)
+    out.logits.mean().backward()
+    assert net.encoder.adapters["dsm"].proj.weight.grad is not None
+
+
+def test_input_adapter_errors():
+    odd = (Modality("hsi", 5, (0.0,) * 5, (1.0,) * 5),)
+    with pytest.raises(ValueError, match="input_adapter=conv"):
+        MultiModalSegmentor(modalities=odd, num_classes=2, backbone="mit_b0")
+
+
+def test_input_size_not_multiple_of_32():
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", decoder_channels=32)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        net(inputs(1, size=48), MASKS[-1:])
+
+
+@pytest.mark.parametrize("name", ["mit_b9", "resnet7", "tu-pvt_v9_b0"])
+def test_unknown_backbone(name):
+    with pytest.raises(ValueError, match=f"unknown .*backbone '{name}'"):
+        validate_backbone_name(name)
+
+
+def test_local_pretrained_weights(tmp_path):
+    torch.manual_seed(1)
+    source = build_encoder("mit_b0")
+    path = tmp_path / "mit_b0.pth"
+    torch.save({f"encoder.{k}": v for k, v in source.state_dict().items()}, path)  # smp model layout
+    loaded = build_encoder("mit_b0", pretrained=str(path))
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_local_pretrained_weights_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        build_encoder("mit_b0", pretrained=str(tmp_path / "nope.pth"))
+    wrong = tmp_path / "resnet.pth"
+    torch.save(build_encoder("resnet18").state_dict(), wrong)
+    with pytest.raises(RuntimeError, match="do not fit 'mit_b0'"):
+        build_encoder("mit_b0", pretrained=str(wrong))
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="could not read"):
+        build_encoder("mit_b0", pretrained=str(broken))

@@ -1,0 +1,132 @@
+"""End to end: train(cfg) on tiny settings, eval.py on its checkpoint, a Hydra multirun, W&B offline files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import REPO, bind_to, compose_config
+from sgma.modalities import all_patterns
+from sgma.tasks import evaluate, train
+
+N_PATTERNS = len(all_patterns(["rgb", "nir", "dsm"]))
+
+
+def test_train_then_eval_checkpoint(cfg_train, tmp_path):
+    metrics, objects = train(cfg_train)
+    run = Path(cfg_train.paths.output_dir)
+    for name in ("config.yaml", "patterns.csv", "patterns.json", "patterns.md"):
+        assert (run / name).is_file(), name
+    table = json.loads((run / "patterns.json").read_text())
+    assert [r["pattern"] for r in table["patterns"]] == all_patterns(["rgb", "nir", "dsm"])
+    assert {"avg", "top1", "last1", "p0.5"} <= set(table["summaries"])
+    assert 0 <= metrics["test/avg/miou"] <= 1 and metrics["test/last1/miou"] <= metrics["test/top1/miou"]
+    assert len((run / "patterns.csv").read_text().splitlines()) == 1 + N_PATTERNS + len(table["summaries"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and "sgma" in torch.load(ckpt, map_location="cpu", weights_only=False)
+
+    # eval.py rebuilds the model from the checkpoint and reproduces the test numbers of that checkpoint
+    eval_dir = tmp_path / "eval"
+    cfg_eval = bind_to(compose_config("eval", [f"ckpt_path={ckpt}"]), eval_dir)
+    eval_metrics, _ = evaluate(cfg_eval)
+    assert len(json.loads((eval_dir / "patterns.json").read_text())["patterns"]) == N_PATTERNS
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    if Path(best) == ckpt or Path(best).resolve() == ckpt.resolve():
+        assert eval_metrics["test/avg/miou"] == pytest.approx(metrics["test/avg/miou"])
+
+    # other split, a pattern subset
+    val_dir = tmp_path / "eval_val"
+    cfg_val = bind_to(compose_config("eval", [f"ckpt_path={ckpt}", "split=val", "patterns=[rgb,dsm+nir]"]), val_dir)
+    val_metrics, _ = evaluate(cfg_val)
+    assert set(k.split("/")[1] for k in val_metrics if k.startswith("val/") and k.count("/") == 2) >= {
+        "rgb",
+        "nir+dsm",
+    }
+    rows = json.loads((val_dir / "patterns.json").read_text())["patterns"]
+    assert [r["pattern"] for r in rows] == ["rgb", "nir+dsm"]
+
+
+def test_training_lowers_the_loss(cfg_train):
+    with open_dict(cfg_train):
+        cfg_train.dataset.splits.train.num_samples = 16
+        cfg_train.trainer.max_epochs = 6
+        cfg_train.test = False
+        cfg_train.trainer.limit_val_batches = 0
+        cfg_train.data.batch_size = 8
+        cfg_train.scheduler = None
+        cfg_train.optimizer.lr = 1e-3
+        cfg_train.missing = {"_target_": "sgma.data.missing.FullModalities"}
+    train(cfg_train)
+    csv = next(Path(cfg_train.paths.output_dir).rglob("metrics.csv")).read_text().splitlines()
+    header = csv[0].split(",")
+    col = header.index("train/loss_epoch")
+    losses = [float(r.split(",")[col]) for r in csv[1:] if r.split(",")[col]]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_eval_errors(tmp_path):
+    cfg = bind_to(compose_config("eval", [f"ckpt_path={tmp_path / 'missing.ckpt'}"]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        evaluate(cfg)
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"\x00" * 100)
+    with pytest.raises(RuntimeError, match="could not read checkpoint"):
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={broken}"]), tmp_path))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(RuntimeError, match="no stored sgma config"):
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={foreign}"]), tmp_path))
+    with pytest.raises(FileNotFoundError, match="it is a folder"):
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={tmp_path}"]), tmp_path))
+
+
+def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_multirun_one_job_per_pattern(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run(["-m", "missing=rgb,rgb+dsm", "debug=tiny", "logger=csv", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    choices = []
+    for job in jobs:
+        assert (job / "patterns.csv").is_file()
+        config = (job / ".hydra" / "overrides.yaml").read_text()
+        choices.append(next(line for line in config.splitlines() if "missing=" in line).split("=", 1)[1])
+    assert choices == ["rgb", "rgb+dsm"]
+
+
+def test_wandb_offline_run_files(tmp_path):
+    proc = _run(["debug=tiny", "logger=wandb", "missing=rgb+dsm", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "no W&B run file"
+    meta = runs[0] / "files" / "wandb-metadata.json"
+    assert not meta.exists() or json.loads(meta.read_text())  # written by some wandb versions only
+    history = (runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb").read_bytes()
+    assert b"test/avg/miou" in history and b"rgb+dsm" in history  # metric keys and the W&B group
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = _run(["debug=tiny", "logger=csv", "missing=nir+sar"], tmp_path)
+    assert proc.returncode != 0 and "unknown modality 'sar'" in proc.stderr
+    proc = _run(["ckpt_path=/does/not/exist.ckpt"], tmp_path, script="eval.py")
+    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
