@@ -148,3 +148,29 @@ def test_local_pretrained_weights_errors(tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not read"):
         build_encoder("mit_b0", pretrained=str(broken))
+
+
+def test_sgf_gradients_reach_every_part():
+    torch.manual_seed(0)
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", fusion="sgf", decoder_channels=32)
+    out = net(inputs(7), MASKS)
+    torch.nn.functional.cross_entropy(out.logits, torch.randint(0, 6, (7, 64, 64))).backward()
+
+    def grad_norm(module: torch.nn.Module) -> float:
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(net.encoder) > 0
+    for scale, fusion in enumerate(net.fusion):
+        for part in ("semantic_filter", "spatial", "robustness"):
+            assert grad_norm(getattr(fusion, part)) > 0, f"scale {scale}: no gradient in {part}"
+        for name, projector in fusion.projectors.items():
+            assert grad_norm(projector) > 0, f"scale {scale}: no gradient in projector {name}"
+
+
+def test_sgf_robustness_through_the_model():
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", fusion="sgf", decoder_channels=32)
+    out = net(inputs(7), MASKS, return_robustness=True)
+    for r in out.robustness:
+        torch.testing.assert_close(r.sum(dim=1), torch.ones_like(r[:, 0]))
+        assert (r[~MASKS] == 0).all()
+    assert net(inputs(7), MASKS).robustness is None  # not computed unless asked

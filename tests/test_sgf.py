@@ -220,3 +220,20 @@ def test_no_per_pixel_prototype_copies(class_average: str) -> None:
     numel, op, shape = recorder.largest
     assert numel <= max(2 * b * M * d * H * W, b * heads * k * M * H * W), f"{op} made {shape}"
     assert numel < b * k * d * H * W
+
+
+@pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 6), (16, 16)])
+def test_merged_projector_equals_separate_branches(size):
+    """The single merged (and cropped) depthwise conv is exactly the sum of the three branch convs."""
+    from sgma.models.sgf import ModalityProjector
+
+    torch.manual_seed(0)
+    proj = ModalityProjector(in_channels=8, embed_dim=8).double()
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    merged = proj(x)
+    separate = proj.proj(proj.act(proj.norm(sum(branch(x) for branch in proj.branches))))
+    torch.testing.assert_close(merged, separate)
+    g_merged = torch.autograd.grad(merged.sum(), [x, *(b.weight for b in proj.branches)])
+    g_separate = torch.autograd.grad(separate.sum(), [x, *(b.weight for b in proj.branches)])
+    for a, b in zip(g_merged, g_separate, strict=True):
+        torch.testing.assert_close(a, b)

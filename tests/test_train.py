@@ -53,7 +53,9 @@ def test_train_then_eval_checkpoint(cfg_train, tmp_path):
     assert [r["pattern"] for r in rows] == ["rgb", "nir+dsm"]
 
 
-def test_training_lowers_the_loss(cfg_train):
+@pytest.mark.parametrize("model", ["baseline", "sgma"])
+def test_training_lowers_the_loss(model, tmp_path):
+    cfg_train = bind_to(compose_config("train", ["debug=tiny", "logger=csv", f"model={model}"]), tmp_path)
     with open_dict(cfg_train):
         cfg_train.dataset.splits.train.num_samples = 16
         cfg_train.trainer.max_epochs = 6
