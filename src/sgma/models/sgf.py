@@ -48,8 +48,8 @@ import math
 from typing import Literal
 
 import torch
-from einops import rearrange
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from sgma.models.fusion import Fusion, FusionOutput, zero_missing
