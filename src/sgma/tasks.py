@@ -19,6 +19,7 @@ from lightning.pytorch import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sgma
+from sgma.callbacks import RobustnessFeedback
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.module import SegmentationModule
 from sgma.reporting import print_table, write_report
@@ -45,6 +46,8 @@ def build_datamodule(cfg: DictConfig) -> MultiModalDataModule:
         val_patterns=data.val_patterns,
         test_patterns=data.test_patterns,
         seed=cfg.seed,
+        sampler=data.get("sampler", "random"),
+        mas_options=OmegaConf.to_container(data.mas, resolve=True) if data.get("mas") else None,
     )
 
 
@@ -59,6 +62,11 @@ def build_module(cfg: DictConfig, dm: MultiModalDataModule) -> SegmentationModul
         class_names=dm.classes,
         exclude_classes=cfg.dataset.get("exclude_classes") or [],
         missing_probs=cfg.eval.missing_probs,
+        mas_branch=cfg.mas.branch,
+        lambda_main=cfg.mas.lambda_main,
+        lambda_mas=cfg.mas.lambda_mas,
+        mas_draw=cfg.mas.draw,
+        mas_loss_momentum=cfg.mas.loss_momentum,
     )
 
 
@@ -119,6 +127,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = build_module(cfg, dm)
     callbacks, loggers = callbacks_and_loggers(cfg)
     callbacks.append(StoreConfig(cfg_dict))
+    if dm.sampler == "mas":
+        callbacks.append(RobustnessFeedback())
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _log_hyperparameters(loggers, cfg_dict, dm, module)
 

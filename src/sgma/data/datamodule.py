@@ -2,7 +2,8 @@
 
 Samplers yield ``(sample index, pattern id)`` keys and :class:`IncompleteModalityDataset` turns a key into a
 sample: normalised modality tensors (zeros for missing ones), ``mask`` (int64, 255 = ignore),
-``available`` (bool per modality) and ``pattern`` (the pattern id, for per-pattern metrics). Training
+``available`` (bool per modality), ``pattern`` (the pattern id, for per-pattern metrics) and ``index``.
+Samplers shard themselves under DDP (the trainer runs with ``use_distributed_sampler=False``). Training
 draws patterns with a :class:`~sgma.data.missing.MissingPolicy`; validation and test visit every
 (pattern, sample) pair of a pattern list deterministically.
 """
@@ -56,13 +57,32 @@ class IncompleteModalityDataset(Dataset):
         sample["mask"] = raw["mask"].long()
         sample["available"] = available.clone()
         sample["pattern"] = torch.tensor(pattern_id, dtype=torch.long)
+        sample["index"] = torch.tensor(index, dtype=torch.long)  # robustness memory is kept per sample
         return sample
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) outside distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def equal_shard(keys: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of an epoch's keys: disjoint positions, equal lengths (the list is padded by
+    wrapping around, so every rank runs the same number of steps, as DDP requires)."""
+    if world_size == 1:
+        return keys
+    per_rank = -(-len(keys) // world_size)
+    padded = keys + keys[: per_rank * world_size - len(keys)]
+    return padded[rank::world_size]
 
 
 class RandomPatternSampler(Sampler[tuple[int, int]]):
     """A random permutation of the samples, each with a pattern drawn by the policy.
 
-    Deterministic given (seed, epoch); Lightning calls :meth:`set_epoch` before each epoch.
+    One draw per epoch from (seed, epoch), identical on every rank, then sharded: each DDP rank takes a
+    disjoint, equal-length slice. Lightning calls :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, num_samples: int, policy: MissingPolicy, *, seed: int = 0) -> None:
@@ -75,29 +95,41 @@ class RandomPatternSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        _, world = distributed_rank_and_size()
+        return -(-self.num_samples // world)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def epoch_keys(self) -> list[tuple[int, int]]:
+        """The whole epoch's (index, pattern id) draw, before sharding."""
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(self.num_samples)
         patterns = self.policy.draw(rng, self.num_samples)
-        yield from zip(order.tolist(), patterns.tolist(), strict=True)
+        return list(zip(order.tolist(), patterns.tolist(), strict=True))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        yield from equal_shard(self.epoch_keys(), *distributed_rank_and_size())
 
 
 class PatternGridSampler(Sampler[tuple[int, int]]):
-    """Every sample under every listed pattern, pattern-major, in a fixed order."""
+    """Every sample under every listed pattern, pattern-major, in a fixed order.
+
+    Under DDP each rank takes every world-size-th key with no padding, so every (pattern, sample) pair is
+    scored exactly once and the summed confusion matrices are exact.
+    """
 
     def __init__(self, num_samples: int, pattern_ids: Sequence[int]) -> None:
         self.num_samples = num_samples
         self.pattern_ids = list(pattern_ids)
 
+    def _keys(self) -> list[tuple[int, int]]:
+        rank, world = distributed_rank_and_size()
+        keys = [(index, pid) for pid in self.pattern_ids for index in range(self.num_samples)]
+        return keys[rank::world]
+
     def __len__(self) -> int:
-        return self.num_samples * len(self.pattern_ids)
+        return len(self._keys())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for pid in self.pattern_ids:
-            for index in range(self.num_samples):
-                yield index, pid
+        yield from self._keys()
 
 
 class MultiModalDataModule(L.LightningDataModule):
@@ -119,8 +151,14 @@ class MultiModalDataModule(L.LightningDataModule):
         val_patterns: str | Sequence[str] = "all",
         test_patterns: str | Sequence[str] = "all",
         seed: int = 0,
+        sampler: str = "random",
+        mas_options: Mapping | None = None,
     ) -> None:
         super().__init__()
+        if sampler not in ("random", "mas"):
+            raise ValueError(f"data.sampler must be 'random' or 'mas', got {sampler!r}")
+        self.sampler = sampler
+        self.mas_options = dict(mas_options or {})
         self.factory = dataset
         self.splits = {s: dict((splits or {}).get(s) or {}) for s in SPLITS}
         self.missing = missing or UniformPatterns()
@@ -131,7 +169,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self.pattern_lists = {"val": val_patterns, "test": test_patterns}
         self.seed = seed
         self._datasets: dict[str, IncompleteModalityDataset] = {}
-        self.train_sampler: RandomPatternSampler | None = None
+        self.train_sampler: Sampler | None = None
+        self._pending_sampler_state: dict | None = None
         self.missing.bind(self.modalities)  # fail before training if the policy names unknown modalities
         for split in ("val", "test"):
             self.eval_patterns(split)
@@ -173,7 +212,7 @@ class MultiModalDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.dataset("train")
         if self.train_sampler is None:
-            self.train_sampler = RandomPatternSampler(len(data), self.missing, seed=self.seed)
+            self.train_sampler = self._build_train_sampler(len(data))
         return self._loader(data, self.train_sampler, self.batch_size, drop_last=len(data) >= self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -181,6 +220,19 @@ class MultiModalDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
+
+    def _build_train_sampler(self, num_samples: int) -> Sampler:
+        if self.sampler == "random":
+            return RandomPatternSampler(num_samples, self.missing, seed=self.seed)
+        from sgma.data.mas import MASSampler, RobustnessMemory
+
+        options = dict(self.mas_options)
+        memory = RobustnessMemory(num_samples, len(self.modalities), momentum=options.pop("momentum", 0.1))
+        sampler = MASSampler(num_samples, self.missing, memory, seed=self.seed, **options)
+        if self._pending_sampler_state is not None:  # resuming: restore memory and sampler state
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return sampler
 
     def eval_dataloader(self, split: str, patterns: str | Sequence[str] | None = None) -> DataLoader:
         data = self.dataset(split)
@@ -198,9 +250,12 @@ class MultiModalDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    # resume: the sampler's epoch counter is restored by Lightning's set_epoch; the seed must match
+    # checkpoints: the MAS sampler's robustness memory and state travel with the datamodule's state
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "missing": self.missing.name}
+        state = {"seed": self.seed, "missing": self.missing.name, "sampler": self.sampler}
+        if self.train_sampler is not None and hasattr(self.train_sampler, "state_dict"):
+            state["sampler_state"] = self.train_sampler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
@@ -208,3 +263,8 @@ class MultiModalDataModule(L.LightningDataModule):
                 f"resuming with datamodule seed {self.seed}, but the checkpoint was trained with {state.get('seed')}; "
                 f"set seed={state.get('seed')} to continue the same sample order"
             )
+        if "sampler_state" in state and state.get("sampler") == self.sampler:
+            if self.train_sampler is not None and hasattr(self.train_sampler, "load_state_dict"):
+                self.train_sampler.load_state_dict(state["sampler_state"])
+            else:
+                self._pending_sampler_state = state["sampler_state"]

@@ -1,0 +1,56 @@
+"""Training callbacks."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+
+
+class RobustnessFeedback(Callback):
+    """Feeds each training step's robustness into the MAS sampler's memory and logs what MAS does.
+
+    Per step: the per-sample, per-modality mean robustness that the module returns goes into the memory's
+    epoch buffers. Per epoch: the buffers are summed across DDP ranks and folded into the memory (EMA), so
+    every rank draws the next epoch from the same memory; then the sampler's per-modality probabilities
+    (``mas/present_<m>``: chance a drawn pattern holds m, ``mas/fragile_<m>``: share of draws whose most
+    fragile modality is m) and the memory's mean relative robustness (``mas/rho_<m>``) are logged.
+    """
+
+    @staticmethod
+    def _sampler(trainer: L.Trainer):
+        from sgma.data.mas import MASSampler
+
+        sampler = getattr(trainer.datamodule, "train_sampler", None) if trainer.datamodule else None
+        return sampler if isinstance(sampler, MASSampler) else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sampler = self._sampler(trainer)
+        robustness = outputs.get("robustness") if isinstance(outputs, dict) else None
+        if sampler is not None and robustness is not None:
+            sampler.memory.observe(batch["index"], batch["available"], robustness)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = self._sampler(trainer)
+        if sampler is None:
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            # gloo reduces CPU tensors; NCCL needs them on the rank's GPU
+            device = pl_module.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            t = t.to(device)
+            torch.distributed.all_reduce(t)
+            return t.cpu()
+
+        sampler.memory.commit(all_reduce=all_reduce if distributed else None)
+        names = [m.name for m in trainer.datamodule.modalities]
+        values = {}
+        for prefix, probs in (
+            ("present", sampler.modality_probabilities()),
+            ("fragile", sampler.fragile_modality_share()),
+        ):
+            values.update({f"mas/{prefix}_{n}": float(p) for n, p in zip(names, probs, strict=True)})
+        observed = sampler.memory.values
+        values.update({f"mas/rho_{n}": float(observed[:, i].mean()) for i, n in enumerate(names)})
+        pl_module.log_dict(values, on_step=False, on_epoch=True)

@@ -1,0 +1,147 @@
+"""The MAS branch in the LightningModule and the MAS sampler wired into training (resume, DDP)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import open_dict
+
+from conftest import REPO, bind_to, compose_config
+from sgma.data.mas import MASSampler
+from sgma.tasks import build_datamodule, build_module, train
+
+
+def _module(tmp_path: Path, *overrides: str):
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", *overrides]), tmp_path)
+    with open_dict(cfg):
+        cfg.model.dropout = 0.0  # deterministic logits for the loss check
+    dm = build_datamodule(cfg)
+    return cfg, dm, build_module(cfg, dm)
+
+
+def _batch(dm, pattern_ids: list[int]):
+    data = dm.dataset("train")
+    samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class CountHead:
+    def __init__(self, module):
+        self.calls = 0
+        module.net.head.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def test_branch_runs_in_training_only(tmp_path):
+    _, dm, module = _module(tmp_path)
+    counter = CountHead(module)
+    batch = _batch(dm, [6, 3, 1, 0])
+    module.train()
+    module.training_step(batch, 0)
+    assert counter.calls == 2  # fused prediction + the MAS branch
+    module.eval()
+    with torch.no_grad():
+        module(batch)
+        module.confusion["val"].update(module(batch).logits.argmax(1), batch["mask"], batch["pattern"])
+    assert counter.calls == 4  # eval: one head pass per forward, never the branch
+
+
+@pytest.mark.parametrize("draw", ["batch", "sample"])
+def test_loss_combines_both_branches_with_the_weights(tmp_path, draw):
+    cfg, dm, module = _module(tmp_path, f"mas.draw={draw}", "mas.lambda_main=2.0", "mas.lambda_mas=0.5")
+    module.eval()  # MiT's stochastic depth would make the two passes differ; the arithmetic is the point
+    # one modality per sample: the drawn modality is the only one, so the branch equals the fused prediction
+    rgb_only = dm.patterns.index("rgb")
+    batch = _batch(dm, [rgb_only] * 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)["loss"]
+        inputs = {n: batch[n] for n in module.modality_names}
+        ce = F.cross_entropy(module.net(inputs, batch["available"]).logits, batch["mask"], ignore_index=255)
+    assert float(loss) == pytest.approx(2.5 * float(ce), rel=1e-5)
+
+
+def test_branch_off_is_plain_cross_entropy(tmp_path):
+    _, dm, module = _module(tmp_path, "mas.branch=false", "mas.lambda_main=1.0")
+    counter = CountHead(module)
+    batch = _batch(dm, [6, 6])
+    module.eval()
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)["loss"]
+        inputs = {n: batch[n] for n in module.modality_names}
+        ce = F.cross_entropy(module.net(inputs, batch["available"]).logits, batch["mask"], ignore_index=255)
+    assert counter.calls == 2  # the training step's single head pass + our reference pass
+    assert float(loss) == pytest.approx(float(ce), rel=1e-6)
+
+
+def test_loss_based_fragility_for_mean_fusion(tmp_path):
+    _, dm, module = _module(tmp_path, "model=mas_only")
+    assert module.net.fusion[0].__class__.__name__ == "MeanFusion"
+    before = module.mas_loss_ema.clone()
+    module.train()
+    module.training_step(_batch(dm, [6, 6, 6, 6]), 0)
+    assert not torch.equal(before, module.mas_loss_ema)  # the drawn modality's loss EMA moved
+
+
+def test_robustness_memory_survives_resume(tmp_path):
+    first = tmp_path / "first"
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), first)
+    _, objects = train(cfg)
+    sampler = objects["datamodule"].train_sampler
+    assert isinstance(sampler, MASSampler)
+    seen_after_one = sampler.memory.seen.clone()
+    assert seen_after_one.sum() > 0
+    ckpt = first / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    stored = state["MultiModalDataModule"]["sampler_state"]
+    assert torch.equal(torch.as_tensor(stored["memory"]["values"]), sampler.memory.values)
+
+    second = tmp_path / "second"
+    cfg2 = bind_to(
+        compose_config(
+            "train",
+            ["debug=tiny", "logger=csv", "model=sgma", "test=false", f"ckpt_path={ckpt}", "trainer.max_epochs=2"],
+        ),
+        second,
+    )
+    _, objects2 = train(cfg2)
+    resumed = objects2["datamodule"].train_sampler
+    # the resumed run continued from the stored memory: its counts include the first run's epoch
+    assert (resumed.memory.seen >= seen_after_one).all() and resumed.memory.seen.sum() > seen_after_one.sum()
+    assert resumed.epoch == 1
+
+
+def test_ddp_two_processes_with_mas_sampler(tmp_path):
+    """A real 2-process DDP run on CPU (gloo): one epoch with the MAS sampler, memory synced across ranks."""
+    env = {**os.environ, "WANDB_MODE": "offline", "SGMA_LOG_DIR": str(tmp_path)}
+    args = [
+        "debug=tiny",
+        "model=sgma",
+        "trainer=ddp_cpu",
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "dataset.splits.train.num_samples=16",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "run"
+    assert (run / "patterns.csv").is_file()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    memory = state["MultiModalDataModule"]["sampler_state"]["memory"]
+    seen = torch.as_tensor(memory["seen"])
+    # 16 samples, 2 ranks x 2 batches of 4: each rank sees 8 samples, and rank 0's checkpoint holds all 16
+    # only because the ranks' observations were all-reduced into one memory
+    assert int((seen.sum(dim=1) > 0).sum()) == 16
