@@ -53,7 +53,7 @@ def test_branch_runs_in_training_only(tmp_path):
 
 @pytest.mark.parametrize("draw", ["batch", "sample"])
 def test_loss_combines_both_branches_with_the_weights(tmp_path, draw):
-    cfg, dm, module = _module(tmp_path, f"mas.draw={draw}", "mas.lambda_main=2.0", "mas.lambda_mas=0.5")
+    _, dm, module = _module(tmp_path, f"mas.draw={draw}", "mas.lambda_main=2.0", "mas.lambda_mas=0.5")
     module.eval()  # MiT's stochastic depth would make the two passes differ; the arithmetic is the point
     # one modality per sample: the drawn modality is the only one, so the branch equals the fused prediction
     rgb_only = dm.patterns.index("rgb")
