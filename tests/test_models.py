@@ -163,8 +163,8 @@ def test_sgf_gradients_reach_every_part():
     for scale, fusion in enumerate(net.fusion):
         for part in ("semantic_filter", "spatial", "robustness"):
             assert grad_norm(getattr(fusion, part)) > 0, f"scale {scale}: no gradient in {part}"
-        for name, projector in fusion.projectors.items():
-            assert grad_norm(projector) > 0, f"scale {scale}: no gradient in projector {name}"
+        for m, projector in zip(MODS, fusion.projectors, strict=True):
+            assert grad_norm(projector) > 0, f"scale {scale}: no gradient in projector {m.name}"
 
 
 def test_sgf_robustness_through_the_model():

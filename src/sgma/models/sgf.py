@@ -25,8 +25,8 @@ Choices that are ours where the paper is silent:
   rules out BatchNorm, whose batch statistics would mix in the missing samples (and is noisy at the
   paper's batch of 2 per GPU). The cost is that projectors also run on missing slots; their output is
   discarded.
-- **Embedding dim**: ``embed_dim`` defaults to the scale's input channels, so the fused map keeps the
-  encoder's channel count.
+- **Embedding dim**: ``embed_dim`` defaults to the scale's input channels capped at 512, so the fused map
+  keeps the encoder's channel count for MiT/PVT-v2 and wide ResNet stages are projected down.
 - **Prototype normalisation**: the printed equation is dimensionally inconsistent; we use OCRNet-style
   region pooling, a softmax of each class map over all positions of all available modalities jointly
   (one distribution per class), times the modality tokens.
@@ -37,9 +37,14 @@ Choices that are ours where the paper is silent:
   run in float32 for stable masking under bf16 autocast.
 
 Efficiency: prototypes are projected once per image (q = W_q P, (B, heads, K, d)) and contracted with the
-per-pixel keys by einsum over (batch, heads, K, M, H, W). Because the class average is linear, the SP
+per-pixel tokens by einsum over (batch, heads, K, M, H, W). Because the class average is linear, the SP
 attention weights are averaged over classes *before* they meet the values, so the only K-sized tensor per
 pixel is the attention map itself, O(B*heads*K*M*H*W); nothing of size K*D*H*W is ever materialised.
+Neither attention computes keys or values for every modality token: the key projection is folded into the
+queries (q . (W_k x + b_k) = (W_k^T q) . x + const, and the constant cancels in the softmax over
+modalities) and the value projection is applied once to the attention-weighted token sum (the weights sum
+to 1). Both rewrites are exact reorderings of linear maps with the same parameters; they cut the 1x1
+projections from M+1 to 2 per pixel in each attention, which dominates SGF's training cost on CPU.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ from torch import Tensor, nn
 from sgma.models.fusion import Fusion, FusionOutput, zero_missing
 
 ClassAverage = Literal["uniform", "weighted"]
+
+# embed_dim=None keeps each scale's channels up to this cap: MiT/PVT-v2 (<= 512 channels) are unchanged and
+# SGF adds the paper's ~4.8 M parameters on PVT-v2-b2; ResNet-50's 2048-channel stage would otherwise cost
+# ~46 M parameters in that one scale's attentions.
+DEFAULT_MAX_EMBED_DIM = 512
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -151,11 +161,43 @@ class SemanticPrototypes(nn.Module):
         return torch.einsum("bmkhw,bmdhw->bkd", weights.to(tokens.dtype), tokens)
 
 
+def split_kv(to_kv: nn.Conv2d, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The key and value projections of a fused 1x1 ``to_kv`` conv, per head: W_k, W_v (h, d, D), b_v (h, d).
+
+    The key bias is not returned: it only adds ``q . b_k`` to every modality's logit at a pixel, a constant
+    that the softmax over modalities cancels.
+    """
+    two_d, d_in = to_kv.weight.shape[:2]
+    w = to_kv.weight.view(2, num_heads, two_d // (2 * num_heads), d_in)
+    return w[0], w[1], to_kv.bias.view(2, num_heads, -1)[1]
+
+
+def weighted_tokens(attn: Tensor, tokens: Tensor) -> Tensor:
+    """sum_m attn[:, h, m] * tokens[:, m]: (B, h, M, N) x (B, M, D, N) -> (B, h, D, N), a loop over the few M."""
+    out = attn[:, :, 0, None] * tokens[:, None, 0]
+    for m in range(1, tokens.shape[1]):
+        out = out + attn[:, :, m, None] * tokens[:, None, m]
+    return out
+
+
+def project_values(mixed: Tensor, w_v: Tensor, b_v: Tensor) -> Tensor:
+    """Per-head value projection of already-mixed tokens: (B, h, D, N) -> (B, h*d, N).
+
+    Exact reassociation: attention weights sum to 1 over modalities, so
+    sum_m a_m (W_v x_m + b_v) = W_v (sum_m a_m x_m) + b_v, which projects once instead of once per modality.
+    """
+    out = torch.einsum("bhcn,hdc->bhdn", mixed, w_v.to(mixed.dtype)) + b_v.to(mixed.dtype)[None, :, :, None]
+    return out.flatten(1, 2)
+
+
 class SpatialPerceptron(nn.Module):
     """SP: at every pixel the K prototypes query that pixel's available modality tokens.
 
-    Prototypes are projected once per image; the class average is applied to the attention weights before
-    the values, which is exact because the average and the value contraction are both linear.
+    Standard multi-head attention (q from the prototypes, k/v linear in the tokens, output projection),
+    evaluated without materialising keys or values for every token: the key projection is folded into the
+    K queries once per image (q . W_k x = (W_k^T q) . x), and the value projection is applied after the
+    attention-weighted sum (see :func:`project_values`). The class average is applied to the attention
+    weights before the values; all three rewrites are exact because they only reorder linear maps.
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int) -> None:
@@ -169,23 +211,30 @@ class SpatialPerceptron(nn.Module):
     def forward(self, prototypes: Tensor, tokens: Tensor, available: Tensor, class_weights: Tensor) -> Tensor:
         # prototypes (B, K, D), tokens (B, M, D, H, W), available (B, M),
         # class_weights (B, K, H, W) summing to 1 over K -> f_se (B, D, H, W)
-        b, h = tokens.shape[0], self.num_heads
+        b, m, dim, x, y = tokens.shape
+        h = self.num_heads
+        w_k, w_v, b_v = split_kv(self.to_kv, h)
         q = rearrange(self.to_q(prototypes), "b k (h d) -> b h k d", h=h)  # once per image, not per pixel
-        kv = self.to_kv(rearrange(tokens, "b m d x y -> (b m) d x y"))
-        k, v = rearrange(kv, "(b m) (two h d) x y -> two b h m d x y", b=b, two=2, h=h)  # (B, h, M, d, H, W)
-        logits = torch.einsum("bhkd,bhmdxy->bhkmxy", q, k) * self.scale  # (B, h, K, M, H, W)
-        attn = masked_softmax(logits, available[:, None, None, :, None, None], dim=3)
-        # class average on the weights, before the values: (B, h, M, H, W)
-        attn = torch.einsum("bhkmxy,bkxy->bhmxy", attn, class_weights.to(attn.dtype))
-        out = torch.einsum("bhmxy,bhmdxy->bhdxy", attn.to(v.dtype), v)  # (B, h, d, H, W)
-        return self.to_out(rearrange(out, "b h d x y -> b (h d) x y"))
+        q_tokens = torch.einsum("bhkd,hdc->bhkc", q, w_k.to(q.dtype)) * self.scale  # keys folded into queries
+        flat = tokens.flatten(3)  # (B, M, D, N)
+        logits = torch.stack(
+            [torch.einsum("bhkc,bcn->bhkn", q_tokens, flat[:, i]) for i in range(m)], dim=3
+        )  # (B, h, K, M, N)
+        attn = masked_softmax(logits, available[:, None, None, :, None], dim=3)
+        # class average on the weights, before the values: (B, h, M, N)
+        attn = torch.einsum("bhkmn,bkn->bhmn", attn, class_weights.flatten(2).to(attn.dtype))
+        mixed = weighted_tokens(attn.to(tokens.dtype), flat)  # (B, h, D, N)
+        out = project_values(mixed, w_v, b_v)  # (B, D, N)
+        return self.to_out(out.view(b, dim, x, y))
 
 
 class RobustnessPerceptron(nn.Module):
     """RP: the semantic reference queries the modality tokens; its weights say how much each modality counts.
 
     The weights (head-averaged) are the robustness maps: a per-pixel distribution over available
-    modalities, learned only through the segmentation loss.
+    modalities, learned only through the segmentation loss. Evaluated like SP without per-token keys or
+    values: the key projection is folded into the per-pixel query, the value projection applied once to the
+    attention-weighted token sum.
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int) -> None:
@@ -201,15 +250,18 @@ class RobustnessPerceptron(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         # query (B, D, H, W), tokens (B, M, D, H, W), available (B, M)
         # -> fused (B, D, H, W), robustness (B, M, H, W) or None
-        b, h = tokens.shape[0], self.num_heads
-        q = rearrange(self.to_q(query), "b (h d) x y -> b h d x y", h=h)
-        kv = self.to_kv(rearrange(tokens, "b m d x y -> (b m) d x y"))
-        k, v = rearrange(kv, "(b m) (two h d) x y -> two b h m d x y", b=b, two=2, h=h)  # (B, h, M, d, H, W)
-        logits = torch.einsum("bhdxy,bhmdxy->bhmxy", q, k) * self.scale  # (B, h, M, H, W)
-        attn = masked_softmax(logits, available[:, None, :, None, None], dim=2)
-        out = torch.einsum("bhmxy,bhmdxy->bhdxy", attn.to(v.dtype), v)  # (B, h, d, H, W)
-        fused = self.to_out(rearrange(out, "b h d x y -> b (h d) x y"))
-        return fused, (attn.mean(dim=1) if return_weights else None)
+        b, m, dim, x, y = tokens.shape
+        h = self.num_heads
+        w_k, w_v, b_v = split_kv(self.to_kv, h)
+        q = rearrange(self.to_q(query), "b (h d) x y -> b h d (x y)", h=h)
+        q_tokens = torch.einsum("bhdn,hdc->bhcn", q, w_k.to(q.dtype)) * self.scale  # (B, h, D, N)
+        flat = tokens.flatten(3)  # (B, M, D, N)
+        logits = torch.stack([(q_tokens * flat[:, None, i]).sum(dim=2) for i in range(m)], dim=2)  # (B, h, M, N)
+        attn = masked_softmax(logits, available[:, None, :, None], dim=2)
+        mixed = weighted_tokens(attn.to(tokens.dtype), flat)  # (B, h, D, N)
+        fused = self.to_out(project_values(mixed, w_v, b_v).view(b, dim, x, y))
+        robustness = attn.mean(dim=1).view(b, m, x, y) if return_weights else None
+        return fused, robustness
 
 
 class SemanticGuidedFusion(Fusion):
@@ -219,7 +271,7 @@ class SemanticGuidedFusion(Fusion):
         in_channels: channels C of this encoder scale.
         num_modalities: M, one projector each.
         num_classes: K, one prototype / class query each.
-        embed_dim: token dim D (``None``: C); also the output channels.
+        embed_dim: token dim D (``None``: min(C, 512)); also the output channels.
         num_heads: attention heads of SP and RP; must divide ``embed_dim``.
         class_average: how SP averages its K class outputs, ``"uniform"`` or ``"weighted"`` (per-pixel
             class posteriors averaged over the available modalities).
@@ -240,7 +292,7 @@ class SemanticGuidedFusion(Fusion):
         norm_groups: int = 8,
     ) -> None:
         super().__init__(in_channels=in_channels, num_modalities=num_modalities, num_classes=num_classes)
-        embed_dim = in_channels if embed_dim is None else embed_dim
+        embed_dim = min(in_channels, DEFAULT_MAX_EMBED_DIM) if embed_dim is None else embed_dim
         if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(
                 f"SGF: embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
