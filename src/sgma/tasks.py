@@ -142,7 +142,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("testing the best checkpoint %s", best)
         else:
             log.warning("no best checkpoint (validation disabled?): testing the current weights")
-        trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False)
+        trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False, verbose=False)
         if trainer.is_global_zero:
             metrics.update(
                 _report(
@@ -202,7 +202,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,
     )
-    trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns))
+    trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns), verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     metrics = _report(
         module,
