@@ -341,3 +341,26 @@ def test_commit_sums_across_two_gloo_ranks(tmp_path: Path):
     assert results[0]["len"] == results[1]["len"] == 4
     for rank, result in enumerate(results):
         assert [tuple(k) for k in result["keys"].tolist()] == sampler.shard(rank, 2)
+
+
+def test_mas_reweights_only_within_the_policy_support():
+    """missing=rgb+dsm (or a pattern subset) stays in force after warm-up: MAS never adds excluded patterns."""
+    from sgma.data.missing import FixedPattern, UniformPatterns
+
+    for policy, allowed in (
+        (FixedPattern("rgb+dsm"), {"rgb+dsm"}),
+        (UniformPatterns(["rgb", "dsm+nir"]), {"rgb", "nir+dsm"}),
+    ):
+        policy.bind(("rgb", "nir", "dsm"))
+        memory = RobustnessMemory(6, 3)
+        memory.observe(torch.arange(6), torch.ones(6, 3, dtype=torch.bool), torch.tensor([[0.6, 0.3, 0.1]] * 6))
+        memory.commit()
+        sampler = MASSampler(6, policy, memory, seed=0, warmup_epochs=0)
+        assert sampler.active
+        _, q = sampler.probabilities()
+        names = [policy.patterns[j] for j in np.flatnonzero(q.sum(axis=0) > 0)]
+        assert set(names) == allowed
+        drawn = {
+            policy.patterns[pid] for epoch in range(5) for _, pid in (sampler.set_epoch(epoch) or sampler.epoch_keys())
+        }
+        assert drawn == allowed

@@ -187,6 +187,8 @@ class MASSampler(Sampler[tuple[int, int]]):
     - pattern probability per sample ``q_i(P) ∝ mean_{m in P} s_im`` (favours patterns that contain the fragile
       modality, most of all that modality alone; uniform when s is uniform), mixed with uniform:
       ``(1 - mix) * q_i(P) + mix / |patterns|`` (every pattern keeps >= mix/|patterns| on every sample).
+      ``patterns`` are those the ``missing`` policy can draw (all of them for ``missing=uniform``): MAS
+      reweights within the policy's support and never trains a pattern the user excluded.
 
     Each epoch is one draw from ``np.random.default_rng((seed, epoch))``, identical on every rank: N sample
     slots by systematic resampling of p (sample i appears floor(N p_i) or ceil(N p_i) times, so uniform p is a
@@ -194,7 +196,7 @@ class MASSampler(Sampler[tuple[int, int]]):
     disjoint, equal-length share. During warm-up (epoch < ``warmup_epochs``) and while the memory is still
     exactly uniform, it is plain modality dropout: a permutation with patterns from ``policy`` (the same keys
     as :class:`~sgma.data.datamodule.RandomPatternSampler`). After warm-up MAS replaces the policy's pattern law
-    by q over all of the policy's patterns (uniform over them when robustness is uniform).
+    by q over the policy's support (uniform over it when robustness is uniform).
 
     Knobs (config ``data.mas.*``): ``floor`` in [0, 1] (1 = uniform samples), ``mix`` in [0, 1] (1 = uniform
     patterns), ``temperature`` > 0 (large = flatter scores), ``warmup_epochs`` >= 0.
@@ -235,6 +237,8 @@ class MASSampler(Sampler[tuple[int, int]]):
         self.epoch = 0
         self.patterns: list[str] = list(policy.patterns)
         self.masks = np.array([pattern_mask(p, policy.modalities) for p in self.patterns], dtype=np.float64)  # (P, M)
+        self.allowed = np.zeros(len(self.patterns))  # (P,) 1 for the patterns the policy can draw
+        self.allowed[policy.support()] = 1.0
 
     # the law ---------------------------------------------------------------------------------------------
     @property
@@ -260,8 +264,9 @@ class MASSampler(Sampler[tuple[int, int]]):
         w = s.max(axis=1)
         p = self.floor / n + (1.0 - self.floor) * w / w.sum()
         pattern_score = (s @ self.masks.T) / self.masks.sum(axis=1)  # (N, P): mean of s over the pattern
+        pattern_score = pattern_score * self.allowed  # only the patterns the `missing` policy can draw
         q = pattern_score / pattern_score.sum(axis=1, keepdims=True)
-        q = (1.0 - self.mix) * q + self.mix / len(self.patterns)
+        q = (1.0 - self.mix) * q + self.mix * self.allowed / self.allowed.sum()
         return p, q
 
     def modality_probabilities(self) -> np.ndarray:

@@ -33,6 +33,10 @@ class MissingPolicy:
         """``n`` pattern ids (int64) into ``self.patterns``."""
         raise NotImplementedError
 
+    def support(self) -> np.ndarray:
+        """Ids of the patterns this policy can draw; the MAS sampler reweights only within them."""
+        return np.arange(len(self.patterns))
+
 
 class UniformPatterns(MissingPolicy):
     """Uniform over the given patterns (default: all 2^M - 1 non-empty ones) per sample: the paper's recipe."""
@@ -48,6 +52,9 @@ class UniformPatterns(MissingPolicy):
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.choices[rng.integers(len(self.choices), size=n)]
 
+    def support(self) -> np.ndarray:
+        return np.unique(self.choices)
+
 
 class FixedPattern(MissingPolicy):
     """Always the same pattern (``missing=full`` is the pattern of all modalities; ``missing=rgb+dsm``)."""
@@ -62,6 +69,9 @@ class FixedPattern(MissingPolicy):
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.full(n, self.id, dtype=np.int64)
+
+    def support(self) -> np.ndarray:
+        return np.array([self.id])
 
 
 class FullModalities(FixedPattern):
@@ -102,3 +112,6 @@ class BernoulliDropout(MissingPolicy):
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.choice(len(self.patterns), size=n, p=self.weights)
+
+    def support(self) -> np.ndarray:
+        return np.flatnonzero(self.weights > 0)
