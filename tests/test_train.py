@@ -132,3 +132,20 @@ def test_cli_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "unknown modality 'sar'" in proc.stderr
     proc = _run(["ckpt_path=/does/not/exist.ckpt"], tmp_path, script="eval.py")
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
+
+
+def test_notebook_runs_on_a_trained_checkpoint(tmp_path, monkeypatch):
+    """Execute every code cell of notebooks/explore.ipynb against a freshly trained tiny SGMA checkpoint."""
+    run = tmp_path / "logs" / "train" / "runs" / "tiny"
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
+    train(cfg)
+    notebook = json.loads((REPO / "notebooks" / "explore.ipynb").read_text())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "explore.ipynb", "exec"), namespace)
+    out = tmp_path / "notebook_outputs"
+    assert {p.name for p in out.iterdir()} == {"scene.png", "robustness.png", "prediction.png"}
+    maps = namespace["maps"]
+    torch.testing.assert_close(maps.sum(dim=0), torch.ones_like(maps[0]))
