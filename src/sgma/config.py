@@ -20,6 +20,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the modality sets of the built-in datasets, canonical order
 DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "synthetic": ("rgb", "nir", "dsm", "sar"),
+    "potsdam": ("rgb", "nir", "dsm"),
+    "vaihingen": ("irrg", "dsm"),
 }
 
 _registered = False
