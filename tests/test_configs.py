@@ -11,8 +11,12 @@ from omegaconf import open_dict
 
 from conftest import bind_to, compose_config
 from sgma.config import CONFIG_DIR, register_configs
+from sgma.data.fake import make_fake_potsdam, make_fake_vaihingen
 from sgma.tasks import build_datamodule, build_module
 from sgma.utils import instantiate, instantiate_dict
+
+# real-layout fake data for the datasets that read files
+FAKE_DATA = {"potsdam": make_fake_potsdam, "vaihingen": make_fake_vaihingen}
 
 GROUPS = [
     "dataset",
@@ -59,11 +63,19 @@ def _build(cfg, tmp_path: Path):
     return dm, module, trainer, instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
 
 
-@pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS for o in options(g) if not (g == "missing" and "sar" in o)]
-)
+def _fits_default_data(group: str, option: str) -> bool:
+    """Pattern options naming modalities the default synthetic data lacks are tested on their own datasets."""
+    if group != "missing" or (CONFIG_DIR / "missing" / f"{option}.yaml").is_file():
+        return True
+    return set(option.split("+")) <= {"rgb", "nir", "dsm"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g) if _fits_default_data(g, o)])
 def test_option_composes_and_instantiates(group, option, tmp_path):
-    cfg = compose_config("train", ["debug=tiny", f"{group}={option}"])
+    extra = []
+    if group == "dataset" and option in FAKE_DATA:
+        extra = [f"dataset.builder.root={FAKE_DATA[option](tmp_path / option)}"]
+    cfg = compose_config("train", ["debug=tiny", f"{group}={option}", *extra])
     assert cfg.hydra.runtime.choices[group] == option
     dm, module, trainer, callbacks, loggers = _build(cfg, tmp_path)
     assert module.net.num_classes == dm.num_classes
@@ -108,3 +120,13 @@ def test_image_size_not_multiple_of_32(tmp_path):
     cfg = compose_config("train", ["debug=tiny", "dataset.builder.image_size=100"])
     with pytest.raises(ValueError, match=r"multiple of 32.*96"):
         _build(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("pattern", ["irrg", "dsm", "irrg+dsm"])
+def test_vaihingen_patterns(pattern, tmp_path):
+    root = make_fake_vaihingen(tmp_path / "vaihingen")
+    cfg = compose_config(
+        "train", ["debug=tiny", "dataset=vaihingen", f"dataset.builder.root={root}", f"missing={pattern}"]
+    )
+    dm, *_ = _build(cfg, tmp_path)
+    assert [m.name for m in dm.modalities] == ["irrg", "dsm"] and len(dm.patterns) == 3
