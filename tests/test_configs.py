@@ -75,6 +75,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     extra = []
     if group == "dataset" and option in FAKE_DATA:
         extra = [f"dataset.builder.root={FAKE_DATA[option](tmp_path / option)}"]
+    if group == "missing" and option == "pattern":
+        extra = ["missing.pattern=dsm+rgb"]  # the generic form needs its pattern
     cfg = compose_config("train", ["debug=tiny", f"{group}={option}", *extra])
     assert cfg.hydra.runtime.choices[group] == option
     dm, module, trainer, callbacks, loggers = _build(cfg, tmp_path)

@@ -22,6 +22,7 @@ DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "synthetic": ("rgb", "nir", "dsm", "sar"),
     "potsdam": ("rgb", "nir", "dsm"),
     "vaihingen": ("irrg", "dsm"),
+    "dfc2023": ("rgb", "dsm", "sar"),
 }
 
 _registered = False
