@@ -11,12 +11,17 @@ from omegaconf import open_dict
 
 from conftest import bind_to, compose_config
 from sgma.config import CONFIG_DIR, register_configs
-from sgma.data.fake import make_fake_potsdam, make_fake_vaihingen
+from sgma.data.fake import make_fake_dfc2023, make_fake_folder, make_fake_potsdam, make_fake_vaihingen
 from sgma.tasks import build_datamodule, build_module
 from sgma.utils import instantiate, instantiate_dict
 
 # real-layout fake data for the datasets that read files
-FAKE_DATA = {"potsdam": make_fake_potsdam, "vaihingen": make_fake_vaihingen}
+FAKE_DATA = {
+    "potsdam": make_fake_potsdam,
+    "vaihingen": make_fake_vaihingen,
+    "dfc2023": make_fake_dfc2023,
+    "folder": make_fake_folder,
+}
 
 GROUPS = [
     "dataset",

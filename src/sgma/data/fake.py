@@ -1,4 +1,4 @@
-"""Tiny fake ISPRS datasets in the REAL on-disk layout, known defects included (for tests and dry runs).
+"""Tiny fake datasets in the REAL on-disk layout, known defects included (for tests and dry runs).
 
 Same folder tree, file names (zero-padded Potsdam DSM ids), formats (georeferenced GeoTIFF, 8-bit JPEG
 nDSM), dtypes and band counts as the official archives, at 96-200 px instead of 6000 px. Scenes are
@@ -13,12 +13,17 @@ Defects written on purpose (what the loaders must survive):
 * a few off-palette pixels in :data:`OFF_PALETTE_TILES` labels; black boundaries in eroded labels;
 * raw DSMs (Potsdam ``1_DSM``, Vaihingen ``dsm``) hold absolute heights with NaN and -32767 no-data.
 
-CLI: ``python -m sgma.data.fake potsdam /tmp/fake_potsdam [--tile-size 96]`` (or ``vaihingen``).
+DFC2023 and generic-folder copies (``make_fake_dfc2023``, ``make_fake_folder``) write their real layouts
+(GeoTIFF/PNG files, COCO json, dataset.yaml) with rectangular "buildings" that are bright in rgb, high in
+the height map and strong in SAR, so a model can learn something.
+
+CLI: ``python -m sgma.data.fake potsdam|vaihingen|dfc2023|folder DIR [--tile-size 96]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -211,16 +216,160 @@ def make_fake_vaihingen(
     return root
 
 
+FOLDER_CLASSES = ("background", "building", "water")
+FOLDER_PALETTE = ((0, 0, 0), (255, 0, 0), (0, 0, 255))
+
+
+def _boxes(rng: np.random.Generator, size: int, count: int) -> list[tuple[int, int, int, int]]:
+    """``count`` random boxes (x0, y0, x1, y1), exclusive ends, inside a ``size`` square."""
+    out = []
+    for _ in range(count):
+        w, h = (int(v) for v in rng.integers(size // 8, size // 3, 2))
+        x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+        out.append((x0, y0, x0 + w, y0 + h))
+    return out
+
+
+def _box_scene(rng: np.random.Generator, size: int, water: bool) -> tuple[np.ndarray, ...]:
+    """Label (H, W) uint8, rgb (3, H, W) uint8, height (H, W) float32, sar (H, W) float32, building boxes."""
+    label = np.zeros((size, size), np.uint8)
+    if water:
+        x0, y0, x1, y1 = _boxes(rng, size, 1)[0]
+        label[y0:y1, x0:x1] = 2
+    buildings = _boxes(rng, size, 3)
+    for x0, y0, x1, y1 in buildings:
+        label[y0:y1, x0:x1] = 1
+    base = np.array([[90, 120, 60], [200, 80, 70], [30, 60, 140]], np.float32)[label]  # (H, W, 3)
+    rgb = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    height = np.where(label == 1, rng.uniform(5, 15), 0).astype(np.float32) + rng.normal(0, 0.3, label.shape)
+    sar = np.where(label == 1, -5.0, np.where(label == 2, -22.0, -14.0)) + rng.normal(0, 2, label.shape)
+    return label, rgb, height.astype(np.float32), sar.astype(np.float32), buildings
+
+
+# ---------------------------------------------------------------------------------------------- folder
+def make_fake_folder(
+    root: str | Path,
+    *,
+    num_images: int = 8,
+    size: int = 80,
+    seed: int = 0,
+    colour_labels: bool = False,
+    splits: str = "fraction",
+) -> Path:
+    """A generic-folder dataset: ``rgb`` (png, 3 bands), ``dsm`` (GeoTIFF float32, one no-data pixel per
+    image, declared by ``nodata: -9999``), ``labels`` (png ids, or palette colours with ``colour_labels``),
+    ``dataset.yaml`` with classes, palette and dsm mean/std (rgb's are measured on train).
+
+    ``splits``: ``fraction`` (val/test fractions in the yaml), ``files`` (``splits/*.txt``) or ``yaml``
+    (lists in the yaml). Returns ``root``.
+    """
+    import yaml
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    stems = [f"img_{i:03d}" for i in range(num_images)]
+    for folder in ("rgb", "dsm", "labels"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        label, rgb, height, _, _ = _box_scene(rng, size, water=True)
+        Image.fromarray(rgb.transpose(1, 2, 0)).save(root / "rgb" / f"{stem}.png")
+        height[0, 0] = -9999.0
+        write_geotiff(root / "dsm" / f"{stem}.tif", height, gsd=0.5, nodata=-9999.0)
+        if colour_labels:
+            Image.fromarray(np.array(FOLDER_PALETTE, np.uint8)[label]).save(root / "labels" / f"{stem}.png")
+        else:
+            Image.fromarray(label).save(root / "labels" / f"{stem}.png")
+    desc = {
+        "modalities": [
+            {"name": "rgb", "channels": 3},
+            {"name": "dsm", "channels": 1, "mean": [3.0], "std": [5.0], "nodata": -9999},
+        ],
+        "classes": list(FOLDER_CLASSES),
+        "palette": [list(c) for c in FOLDER_PALETTE],
+        "ignore_index": 255,
+    }
+    n_val = max(1, num_images // 4)
+    lists = {"train": stems[: -2 * n_val], "val": stems[-2 * n_val : -n_val], "test": stems[-n_val:]}
+    if splits == "fraction":
+        desc.update(val_fraction=0.25, test_fraction=0.25, split_seed=0)
+    elif splits == "yaml":
+        desc["splits"] = lists
+    elif splits == "files":
+        (root / "splits").mkdir(exist_ok=True)
+        for s, listed in lists.items():
+            (root / "splits" / f"{s}.txt").write_text("\n".join(listed) + "\n")
+    else:
+        raise ValueError(f"splits={splits!r}: use fraction, files or yaml")
+    (root / "dataset.yaml").write_text(yaml.safe_dump(desc, sort_keys=False))
+    return root
+
+
+# --------------------------------------------------------------------------------------------- DFC2023
+def make_fake_dfc2023(
+    root: str | Path,
+    *,
+    counts: tuple[int, int, int] = (4, 2, 2),
+    size: int = 64,
+    seed: int = 0,
+    test_annotations: bool = True,
+) -> Path:
+    """The DFC2023 track-2 layout: ``{train,val,test}/{rgb,sar,height}/P0001.tif`` plus COCO polygons in
+    ``annotations/buildings_only_{split}.json`` (one rectangle per building, possibly overlapping; their union
+    is the building mask). ``test_annotations=False`` leaves out the test json. Returns ``root``."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "val", "test"), counts, strict=True):
+        images, anns = [], []
+        for i in range(n):
+            name = f"P{i + 1:04d}.tif"
+            _, rgb, height, sar, buildings = _box_scene(rng, size, water=False)
+            write_geotiff(root / split / "rgb" / name, rgb, gsd=0.5)
+            write_geotiff(root / split / "sar" / name, sar, gsd=0.5)
+            write_geotiff(root / split / "height" / name, height, gsd=0.5)
+            image_id = i + 1
+            images.append({"id": image_id, "file_name": name, "height": size, "width": size})
+            for x0, y0, x1, y1 in buildings:
+                poly = [x0, y0, x1, y0, x1, y1, x0, y1]  # pixel-corner coordinates: covers [x0, x1) x [y0, y1)
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": 1,
+                        "segmentation": [[float(v) for v in poly]],
+                        "area": float((x1 - x0) * (y1 - y0)),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "iscrowd": 0,
+                    }
+                )
+        if split == "test" and not test_annotations:
+            continue
+        coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "building"}]}
+        (root / "annotations" / f"buildings_only_{split}.json").write_text(json.dumps(coco))
+    return root
+
+
+FAKERS = {
+    "potsdam": make_fake_potsdam,
+    "vaihingen": make_fake_vaihingen,
+    "dfc2023": make_fake_dfc2023,
+    "folder": make_fake_folder,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny fake ISPRS dataset in the real layout.")
-    parser.add_argument("dataset", choices=("potsdam", "vaihingen"))
+    parser = argparse.ArgumentParser(description="Write a tiny fake dataset in its real on-disk layout.")
+    parser.add_argument("dataset", choices=sorted(FAKERS))
     parser.add_argument("root", type=Path)
-    parser.add_argument("--tile-size", type=int, default=96)
-    parser.add_argument("--tiles", nargs="*", default=None, help="tile ids (default: all)")
+    parser.add_argument("--tile-size", type=int, default=None, help="ISPRS tile side (default 96)")
+    parser.add_argument("--tiles", nargs="*", default=None, help="ISPRS tile ids (default: all)")
     args = parser.parse_args(argv)
-    make = make_fake_potsdam if args.dataset == "potsdam" else make_fake_vaihingen
-    root = make(args.root, tile_size=args.tile_size, tiles=args.tiles)
-    print(f"fake {args.dataset} written to {root}")
+    if args.dataset in ("potsdam", "vaihingen"):
+        root = FAKERS[args.dataset](args.root, tile_size=args.tile_size or 96, tiles=args.tiles)
+    else:
+        root = FAKERS[args.dataset](args.root)
+    print(f"fake {args.dataset} written to {root}; train with dataset={args.dataset} dataset.builder.root={root}")
 
 
 if __name__ == "__main__":
