@@ -174,9 +174,64 @@ def load_checkpoint(path: str | None) -> dict:
     return ckpt
 
 
+def _device(accelerator: str | None) -> torch.device:
+    """The torch device for a Lightning ``accelerator`` name (``auto``: CUDA when available)."""
+    name = str(accelerator or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"trainer.accelerator={name} but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device(name)
+
+
+def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: SegmentationModule, split: str, patterns):
+    """``eval.full_tile=true``: score every pattern on whole tiles by sliding window (see :mod:`sgma.inference`)."""
+    from sgma.inference import evaluate_full_tiles, tiled_base
+
+    base = tiled_base(dm.dataset(split))
+    if base is None:
+        raise ValueError(
+            f"eval.full_tile=true needs a dataset made of whole tiles (potsdam, vaihingen); "
+            f"{type(dm.dataset(split).base).__name__} serves fixed-size samples only: "
+            f"evaluate it without eval.full_tile"
+        )
+    net = module.net.to(_device(cfg.trainer.accelerator)).eval()
+    batch_size = cfg.get("batch_size") or dm.eval_batch_size
+    log.info(
+        "full-tile evaluation of %d %s tile(s) x %d pattern(s): window=%s overlap=%s blend=%s",
+        len(base.tiles),
+        split,
+        len(patterns),
+        cfg.eval.window,
+        cfg.eval.overlap,
+        cfg.eval.blend,
+    )
+    module.reports[split] = evaluate_full_tiles(
+        net,
+        base,
+        split=split,
+        patterns=patterns,
+        all_patterns=module.patterns,
+        class_names=module.class_names,
+        exclude_classes=module.exclude_classes,
+        missing_probs=module.missing_probs,
+        window=int(cfg.eval.window),
+        overlap=float(cfg.eval.overlap),
+        blend=str(cfg.eval.blend),
+        batch_size=int(batch_size),
+        ignore_index=module.ignore_index,
+    )
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Rebuild the model from the checkpoint's stored config and score every requested pattern of a split."""
+    """Rebuild the model from the checkpoint's stored config and score every requested pattern of a split.
+
+    ``eval.full_tile=true`` scores whole tiles by sliding window (``eval.window``, ``eval.overlap``,
+    ``eval.blend``) instead of the dataset's crops (tiled datasets only).
+    """
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
     with open_dict(run_cfg):
@@ -194,22 +249,39 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     split = cfg.split
     patterns = dm.eval_patterns(split, cfg.get("patterns"))
     module.test_split = split  # metric keys and the report are named after the evaluated split
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=cfg.paths.output_dir,
-    )
-    trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns), verbose=False)
+    full_tile = bool(cfg.eval.full_tile)
+    trainer = None
+    if full_tile:
+        _full_tile_report(cfg, dm, module, split, patterns)
+    else:
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            precision=cfg.trainer.precision,
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=cfg.paths.output_dir,
+        )
+        trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns), verbose=False)
     out_dir = Path(cfg.paths.output_dir)
+    how = (
+        f", full tiles (window={cfg.eval.window}, overlap={cfg.eval.overlap}, blend={cfg.eval.blend})"
+        if full_tile
+        else ""
+    )
+    meta = {"split": split, "checkpoint": str(cfg.ckpt_path), "config": OmegaConf.to_container(run_cfg)}
+    if full_tile:
+        meta["full_tile"] = {
+            "window": int(cfg.eval.window),
+            "overlap": float(cfg.eval.overlap),
+            "blend": str(cfg.eval.blend),
+        }
     metrics = _report(
         module,
         split,
         out_dir,
-        title=f"{split} split, {run_cfg.dataset.name}, {run_cfg.backbone.name}, fusion={run_cfg.model.fusion}",
-        meta={"split": split, "checkpoint": str(cfg.ckpt_path), "config": OmegaConf.to_container(run_cfg)},
+        title=f"{split} split, {run_cfg.dataset.name}, {run_cfg.backbone.name}, fusion={run_cfg.model.fusion}{how}",
+        meta=meta,
     )
     nan = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
     if nan:
