@@ -32,12 +32,12 @@ test-full: install  ## every test, slow ones included, on all cores
 	$(PY) -m pytest -n auto -q $(ARGS)
 
 lint: install  ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests scripts train.py eval.py
-	$(VENV)/bin/ruff format --check src tests scripts train.py eval.py
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py
+	$(VENV)/bin/ruff format --check src tests scripts train.py eval.py predict.py
 
 format: install  ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests scripts train.py eval.py
-	$(VENV)/bin/ruff format src tests scripts train.py eval.py
+	$(VENV)/bin/ruff check --fix src tests scripts train.py eval.py predict.py
+	$(VENV)/bin/ruff format src tests scripts train.py eval.py predict.py
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache
