@@ -11,7 +11,13 @@ from omegaconf import open_dict
 
 from conftest import bind_to, compose_config
 from sgma.config import CONFIG_DIR, register_configs
-from sgma.data.fake import make_fake_dfc2023, make_fake_folder, make_fake_potsdam, make_fake_vaihingen
+from sgma.data.fake import (
+    make_fake_deliver,
+    make_fake_dfc2023,
+    make_fake_folder,
+    make_fake_potsdam,
+    make_fake_vaihingen,
+)
 from sgma.tasks import build_datamodule, build_module
 from sgma.utils import instantiate, instantiate_dict
 
@@ -21,6 +27,7 @@ FAKE_DATA = {
     "vaihingen": make_fake_vaihingen,
     "dfc2023": make_fake_dfc2023,
     "folder": make_fake_folder,
+    "deliver": make_fake_deliver,
 }
 
 GROUPS = [
@@ -114,7 +121,7 @@ def test_paper_recipe_values():
 
 def test_unknown_pattern_option_lists_choices():
     with pytest.raises(ConfigCompositionException, match=r"rgb\+dsm"):
-        compose_config("train", ["missing=rgb+lidar"])
+        compose_config("train", ["missing=rgb+radar"])
 
 
 def test_unknown_backbone_is_a_clear_error(tmp_path):

@@ -23,6 +23,7 @@ DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "potsdam": ("rgb", "nir", "dsm"),
     "vaihingen": ("irrg", "dsm"),
     "dfc2023": ("rgb", "dsm", "sar"),
+    "deliver": ("rgb", "depth", "event", "lidar"),
 }
 
 _registered = False
