@@ -164,11 +164,8 @@ def test_full_tile_eval(trained, tmp_path):
     patterns = all_patterns(["rgb", "nir", "dsm"])
     table = json.loads((tmp_path / "patterns.json").read_text())
     assert [r["pattern"] for r in table["patterns"]] == patterns
-    assert (
-        table["excluded_classes"] == ["clutter"] and table["meta"]["full_tile"]["window"] == 64
-        if "meta" in table
-        else True
-    )
+    assert table["excluded_classes"] == ["clutter"]  # ISPRS: 5-class means
+    assert table["full_tile"] == {"window": 64, "overlap": 0.25, "blend": "gaussian"}
     assert (tmp_path / "patterns.csv").is_file() and (tmp_path / "patterns.md").is_file()
     assert 0 <= metrics["test/avg/miou"] <= 1
     base = objects["datamodule"].dataset("test").base
@@ -250,3 +247,34 @@ def test_predict_png_and_errors(trained, tmp_path):
         Image.fromarray(rgb[0], "L").save(folder / "rgb.png")
         with pytest.raises(ValueError, match="band"):
             predict(_predict_cfg(ckpt, folder, out, "pattern=rgb"))
+
+
+def test_predict_without_the_training_data(tmp_path):
+    """The checkpoint carries normalisation, classes and palette: predict runs after the data is gone."""
+    import shutil
+
+    root = make_fake_potsdam(tmp_path / "potsdam")
+    run = tmp_path / "run"
+    cfg = bind_to(
+        compose_config(
+            "train",
+            ["debug=tiny", "dataset=potsdam", f"dataset.builder.root={root}", "model=sgma", "logger=csv", "test=false"],
+        ),
+        run,
+    )
+    from sgma.tasks import train
+
+    _, objects = train(cfg)
+    expected_stats = [m.mean for m in objects["datamodule"].modalities]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    shutil.rmtree(root)  # data and its cache are gone
+    rgb, dsm = _scene()
+    write_geotiff(tmp_path / "in" / "rgb.tif", rgb, origin=(366000.0, 5808000.0))
+    write_geotiff(tmp_path / "in" / "dsm.tif", dsm, origin=(366000.0, 5808000.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = predict(_predict_cfg(ckpt, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm", "robustness=true"))
+    assert result["pattern"] == "rgb+dsm" and (tmp_path / "out" / "prediction.tif").is_file()
+    assert (tmp_path / "out" / "robustness.tif").is_file()  # SGF writes its maps
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)["sgma"]["dataset"]
+    assert [tuple(m["mean"]) for m in stored["modalities"]] == expected_stats

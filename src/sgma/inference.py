@@ -389,6 +389,7 @@ def predict(cfg: Any) -> dict[str, Any]:
 
     from sgma.modalities import canonical_pattern, format_pattern
     from sgma.tasks import CHECKPOINT_KEY, _device, build_datamodule, build_module, load_checkpoint
+    from sgma.utils import instantiate
 
     if not cfg.get("input"):
         raise ValueError("predict needs input=FOLDER holding one raster per modality (<modality>.tif, .png, .jpg)")
@@ -397,10 +398,22 @@ def predict(cfg: Any) -> dict[str, Any]:
     with open_dict(run_cfg):
         if cfg.get("data_root"):
             run_cfg.dataset.builder.root = str(cfg.data_root)
-    dm = build_datamodule(run_cfg)  # the dataset's modality statistics and palette
-    module = build_module(run_cfg, dm)
-    module.load_state_dict(ckpt["state_dict"])
-    modalities = list(module.net.modalities)
+    facts = ckpt[CHECKPOINT_KEY].get("dataset")
+    if facts:  # the checkpoint carries the normalisation, classes and palette: no training data needed
+        modalities = [
+            Modality(m["name"], m["channels"], tuple(m["mean"]), tuple(m["std"])) for m in facts["modalities"]
+        ]
+        net = instantiate(run_cfg.model, modalities=modalities, num_classes=len(facts["classes"]))
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        net.load_state_dict(state)
+        num_classes, palette = len(facts["classes"]), [tuple(c) for c in facts["palette"]]
+    else:  # checkpoints written before the facts were stored: read them from the training dataset
+        log.info("checkpoint has no dataset facts; reading normalisation and palette from the training dataset")
+        dm = build_datamodule(run_cfg)
+        module = build_module(run_cfg, dm)
+        module.load_state_dict(ckpt["state_dict"])
+        net, num_classes, palette = module.net, dm.num_classes, dm.palette
+    modalities = list(net.modalities)
     names = [m.name for m in modalities]
     spec = cfg.get("pattern") or format_pattern(names)
     try:
@@ -412,7 +425,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     raw, geo = read_inputs(cfg.input, present)
     inputs = normalise_inputs(raw, modalities, available)
     del raw
-    net = module.net.to(_device(cfg.trainer.accelerator)).eval()
+    net = net.to(_device(cfg.trainer.accelerator)).eval()
     want = bool(cfg.get("robustness", False))
     result = sliding_window_logits(
         net,
@@ -422,7 +435,7 @@ def predict(cfg: Any) -> dict[str, Any]:
         overlap=float(cfg.overlap),
         blend=str(cfg.blend),
         batch_size=int(cfg.batch_size),
-        num_classes=dm.num_classes,
+        num_classes=num_classes,
         return_robustness=want,
         modalities=modalities,
     )
@@ -430,7 +443,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     classes = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
     del logits
     out_dir = Path(cfg.output_dir).expanduser()
-    written = {"prediction": write_raster(out_dir / "prediction", colourise(classes, dm.palette), geo)}
+    written = {"prediction": write_raster(out_dir / "prediction", colourise(classes, palette), geo)}
     if cfg.get("robustness"):
         if robust is None:
             log.warning("fusion=%s produces no robustness maps; none written", run_cfg.model.get("fusion"))

@@ -79,14 +79,27 @@ def resolved_dict(cfg: DictConfig) -> dict:
     }
 
 
-class StoreConfig(Callback):
-    """Puts the resolved run config into every checkpoint so ``eval.py`` can rebuild the model."""
+def dataset_facts(dm: MultiModalDataModule) -> dict:
+    """What inference needs from the training data: modalities with their normalisation, classes, palette."""
+    return {
+        "modalities": [
+            {"name": m.name, "channels": m.channels, "mean": list(m.mean), "std": list(m.std)} for m in dm.modalities
+        ],
+        "classes": list(dm.classes),
+        "palette": [list(c) for c in dm.palette],
+    }
 
-    def __init__(self, config: dict) -> None:
+
+class StoreConfig(Callback):
+    """Puts the resolved run config and the dataset facts into every checkpoint, so ``eval.py`` can rebuild
+    the model and ``predict.py`` can run without the training data."""
+
+    def __init__(self, config: dict, dataset: dict | None = None) -> None:
         self.config = config
+        self.dataset = dataset
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"config": self.config, "version": sgma.__version__}
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config, "dataset": self.dataset, "version": sgma.__version__}
 
 
 def _check_checkpoint_path(path: str | None, *, what: str) -> Path | None:
@@ -126,7 +139,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
     callbacks, loggers = callbacks_and_loggers(cfg)
-    callbacks.append(StoreConfig(cfg_dict))
+    callbacks.append(StoreConfig(cfg_dict, dataset_facts(dm)))
     if dm.sampler == "mas":
         callbacks.append(RobustnessFeedback())
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
