@@ -155,7 +155,17 @@ def test_full_tile_eval(trained, tmp_path):
 
     ckpt, _ = trained
     cfg = bind_to(
-        compose_config("eval", [f"ckpt_path={ckpt}", "eval.full_tile=true", "eval.window=64", "eval.blend=gaussian"]),
+        compose_config(  # the form: naming the checkpoint's dataset again keeps its data root
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                "dataset=potsdam",
+                "dataset.size=64",
+                "eval.full_tile=true",
+                "eval.window=64",
+                "eval.blend=gaussian",
+            ],
+        ),
         tmp_path,
     )
     with warnings.catch_warnings():

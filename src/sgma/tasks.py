@@ -249,7 +249,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
     with open_dict(run_cfg):
         if cfg.get("dataset"):
-            run_cfg.dataset = cfg.dataset
+            chosen = cfg.dataset.copy()
+            # the checkpoint's own dataset named again: keep its data root unless a new one is given
+            same = chosen.get("name") == run_cfg.dataset.get("name") and "root" in run_cfg.dataset.get("builder", {})
+            if same and OmegaConf.is_missing(chosen.builder, "root"):
+                chosen.builder.root = run_cfg.dataset.builder.root
+            run_cfg.dataset = chosen
         for key in ("batch_size", "num_workers"):
             if cfg.get(key) is not None:
                 run_cfg.data[key if key != "batch_size" else "eval_batch_size"] = cfg[key]
