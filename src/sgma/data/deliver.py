@@ -27,13 +27,19 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
-import torch
 
-from sgma.data.tiles import PreparedTile, TileCache, TileCropDataset, check_crop_size, default_cache_dir
-from sgma.modalities import Modality, format_pattern, parse_pattern
+from sgma.data.tiles import (
+    CachedCropDataset,
+    PreparedTile,
+    TileCache,
+    TileCropDataset,
+    check_crop_size,
+    default_cache_dir,
+)
+from sgma.modalities import Modality, parse_pattern
 
 NAME = "deliver"
 CLASSES = (
@@ -187,8 +193,10 @@ def _as_three_channels(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-class Deliver(torch.utils.data.Dataset):
+class Deliver(CachedCropDataset):
     """DELIVER semantic segmentation (25 classes; modalities rgb, depth, event, lidar)."""
+
+    item_name = "images"
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -334,37 +342,10 @@ class Deliver(torch.utils.data.Dataset):
             info={"ignored_pixels": int((mask == IGNORE).sum()), "out_of_range_label_pixels": unknown},
         )
 
-    # -- dataset protocol -----------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
+    # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property
     def images(self) -> list[str]:
         return list(self.crops.shapes)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.cache.manifest
-
-    def window(self, index: int):
-        return self.crops.window(index)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        raw = self.crops.read(index)
-        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
-        return sample
-
-    def __repr__(self) -> str:
-        pattern = format_pattern([m.name for m in self.modalities])
-        return (
-            f"Deliver(split={self.split!r}, conditions={'+'.join(self.conditions)!r}, images={len(self.images)}, "
-            f"crops={len(self)}, crop_size={self.crop_size}, modalities={pattern!r}, cache={str(self.cache.dir)!r})"
-        )
 
 
 # ------------------------------------------------------------------------------------------- fake data

@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from sgma.data.isprs import raster_info, read_raster
-from sgma.data.tiles import PreparedTile, TileCache, TileCropDataset, check_crop_size, default_cache_dir
-from sgma.modalities import Modality, format_pattern, parse_pattern
+from sgma.data.tiles import (
+    CachedCropDataset,
+    PreparedTile,
+    TileCache,
+    TileCropDataset,
+    check_crop_size,
+    default_cache_dir,
+)
+from sgma.modalities import Modality, parse_pattern
 
 NAME = "dfc2023"
 CLASSES = ("background", "building")
@@ -98,8 +104,10 @@ def rasterise(coco, image_id: int, height: int, width: int) -> np.ndarray:
     return out
 
 
-class DFC2023(torch.utils.data.Dataset):
+class DFC2023(CachedCropDataset):
     """DFC2023 track 2 building segmentation (classes background/building; modalities rgb, dsm, sar)."""
+
+    item_name = "images"
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -261,34 +269,7 @@ class DFC2023(torch.utils.data.Dataset):
         info["building_pixels"] = int(mask.sum())
         return PreparedTile(arrays={**arrays, "mask": mask}, info=info)
 
-    # -- dataset protocol -----------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
+    # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property
     def images(self) -> list[str]:
         return list(self.crops.shapes)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.cache.manifest
-
-    def window(self, index: int):
-        return self.crops.window(index)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        raw = self.crops.read(index)
-        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
-        return sample
-
-    def __repr__(self) -> str:
-        pattern = format_pattern([m.name for m in self.modalities])
-        return (
-            f"DFC2023(split={self.split!r}, images={len(self.images)}, crops={len(self)}, crop_size={self.crop_size}, "
-            f"modalities={pattern!r}, cache={str(self.cache.dir)!r})"
-        )

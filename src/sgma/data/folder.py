@@ -30,11 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sgma.data.isprs import raster_info, read_raster
-from sgma.data.tiles import PreparedTile, TileCache, TileCropDataset, check_crop_size, default_cache_dir
-from sgma.modalities import SEPARATOR, Modality, format_pattern, parse_pattern
+from sgma.data.tiles import (
+    CachedCropDataset,
+    PreparedTile,
+    TileCache,
+    TileCropDataset,
+    check_crop_size,
+    default_cache_dir,
+)
+from sgma.modalities import SEPARATOR, Modality, parse_pattern
 
 NAME = "folder"
 SPLITS = ("train", "val", "test")
@@ -205,13 +211,15 @@ def _hw(shape: Sequence[int]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- dataset
-class FolderDataset(torch.utils.data.Dataset):
+class FolderDataset(CachedCropDataset):
     """Segmentation dataset from per-modality folders (see the module docstring for the layout).
 
     ``modalities`` selects a subset (canonical order kept); ``skip_incomplete`` drops stems that lack a
     modality or label file (warned) instead of failing; ``num_samples``: random crops per epoch for train
     (default: the split's area / crop_size²), a cap on the grid for val/test.
     """
+
+    item_name = "stems"
 
     NAME = NAME
 
@@ -434,37 +442,10 @@ class FolderDataset(torch.utils.data.Dataset):
         counts = np.bincount(mask.ravel(), minlength=256)
         return mask, {"class_counts": [int(c) for c in counts[:n]], "ignore": int(counts[IGNORE_INDEX])}
 
-    # -- dataset protocol -----------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
+    # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property
     def stems(self) -> list[str]:
         return list(self.crops.shapes)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.cache.manifest
-
-    def window(self, index: int):
-        return self.crops.window(index)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        raw = self.crops.read(index)
-        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
-        return sample
-
-    def __repr__(self) -> str:
-        pattern = format_pattern([m.name for m in self.modalities])
-        return (
-            f"FolderDataset(split={self.split!r}, images={len(self.stems)}, crops={len(self)}, "
-            f"crop_size={self.crop_size}, modalities={pattern!r}, root={str(self.root)!r})"
-        )
 
 
 def _default_palette(n: int) -> tuple[tuple[int, int, int], ...]:

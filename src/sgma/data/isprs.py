@@ -33,10 +33,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
-from sgma.data.tiles import PreparedTile, TileCache, TileCropDataset, check_crop_size, default_cache_dir
-from sgma.modalities import Modality, format_pattern, parse_pattern
+from sgma.data.tiles import (
+    CachedCropDataset,
+    PreparedTile,
+    TileCache,
+    TileCropDataset,
+    check_crop_size,
+    default_cache_dir,
+)
+from sgma.modalities import Modality, parse_pattern
 
 CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
 PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))  # RGB order
@@ -169,8 +175,10 @@ def _is_empty(height: np.ndarray) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- datasets
-class _ISPRSDataset(torch.utils.data.Dataset):
+class _ISPRSDataset(CachedCropDataset):
     """Shared machinery of Potsdam and Vaihingen (subclasses declare files, modalities and splits)."""
+
+    item_name = "tiles"
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -355,39 +363,11 @@ class _ISPRSDataset(torch.utils.data.Dataset):
         warnings.warn(f"{msg}; empty_dsm={self.empty_dsm}", stacklevel=2)
         return msg if self.empty_dsm == "drop" else None
 
-    # -- dataset protocol -------------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
+    # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property
     def tiles(self) -> list[str]:
         """The tiles of this split (after dropped and skipped tiles)."""
         return list(self.crops.shapes)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.cache.manifest
-
-    def window(self, index: int):
-        """Which tile and where sample ``index`` is (for stitching predictions back into tiles)."""
-        return self.crops.window(index)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        raw = self.crops.read(index)
-        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
-        return sample
-
-    def __repr__(self) -> str:
-        pattern = format_pattern([m.name for m in self.modalities])
-        return (
-            f"{type(self).__name__}(split={self.split!r}, tiles={len(self.tiles)}, crops={len(self)}, "
-            f"crop_size={self.crop_size}, modalities={pattern!r}, cache={str(self.cache.dir)!r})"
-        )
 
 
 class _SkipTile(Exception):

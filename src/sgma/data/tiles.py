@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 log = logging.getLogger("sgma")
 
@@ -468,3 +469,42 @@ class TileCropDataset:
             label = owned
         out[self.label_key] = label
         return out
+
+
+class CachedCropDataset(torch.utils.data.Dataset):
+    """The sample protocol shared by every dataset served from a :class:`TileCache`.
+
+    Subclasses set ``split``, ``modalities``, ``classes``, ``crop_size``, ``cache`` (:class:`TileCache`) and
+    ``crops`` (:class:`TileCropDataset`); ``item_name`` says what one cached image is called (tiles,
+    images, stems) and names the property listing them.
+    """
+
+    item_name = "tiles"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def manifest(self) -> dict:
+        return self.cache.manifest
+
+    def window(self, index: int):
+        """Which cached image and where sample ``index`` is (for stitching predictions back)."""
+        return self.crops.window(index)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        raw = self.crops.read(index)
+        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
+        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
+        return sample
+
+    def __repr__(self) -> str:
+        names = "+".join(m.name for m in self.modalities)
+        return (
+            f"{type(self).__name__}(split={self.split!r}, {self.item_name}={len(self.crops.shapes)}, "
+            f"crops={len(self)}, crop_size={self.crop_size}, modalities={names!r}, cache={str(self.cache.dir)!r})"
+        )
