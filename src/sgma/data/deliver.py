@@ -35,7 +35,6 @@ from sgma.data.tiles import (
     CachedCropDataset,
     PreparedTile,
     TileCache,
-    TileCropDataset,
     check_crop_size,
     default_cache_dir,
 )
@@ -241,24 +240,11 @@ class Deliver(CachedCropDataset):
             options={"conditions": list(self.conditions)},
             stat_keys=tuple(MODALITIES),
         )
-        if self.cache.stale_reason() is not None:
-            for files in sources.values():
-                self._check_sizes(files)
-            self.cache.prepare(self._load, progress=progress)
+        self._prepare_cache(sources, self._load, progress=progress)
         self.modalities: tuple[Modality, ...] = tuple(
             Modality(n, MODALITIES[n][2], *self.cache.stats(n)) for n in names
         )
-        self.crops = TileCropDataset(
-            self.cache,
-            split,
-            names,
-            crop_size=self.crop_size,
-            random=split == "train",
-            num_samples=num_samples,
-            stride=stride,
-            seed=int(seed),
-            ignore_index=IGNORE,
-        )
+        self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed, ignore_index=IGNORE)
 
     @staticmethod
     def _conditions(conditions: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -322,7 +308,7 @@ class Deliver(CachedCropDataset):
                 )
         return sources, splits
 
-    def _check_sizes(self, files: dict[str, Path]) -> None:
+    def _check_sizes(self, key: str, files: dict[str, Path]) -> None:
         size = _png_size(files["rgb"])
         for key in (*MODALITIES, LABEL[0]):
             other = _png_size(files[key])

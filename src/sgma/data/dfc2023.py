@@ -33,7 +33,6 @@ from sgma.data.tiles import (
     CachedCropDataset,
     PreparedTile,
     TileCache,
-    TileCropDataset,
     check_crop_size,
     default_cache_dir,
 )
@@ -148,24 +147,12 @@ class DFC2023(CachedCropDataset):
             stat_keys=tuple(MODALITIES),
         )
         self._coco: dict[str, Any] = {}
-        if self.cache.stale_reason() is not None:
-            for tile, files in sources.items():
-                self._check_sizes(tile, files)
-            self.cache.prepare(self._load, progress=progress)
+        self._prepare_cache(sources, self._load, progress=progress)
         self._coco.clear()
         self.modalities: tuple[Modality, ...] = tuple(
             Modality(n, MODALITIES[n][1], *self.cache.stats(n)) for n in names
         )
-        self.crops = TileCropDataset(
-            self.cache,
-            split,
-            names,
-            crop_size=self.crop_size,
-            random=split == "train",
-            num_samples=num_samples,
-            stride=stride,
-            seed=int(seed),
-        )
+        self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed)
 
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:

@@ -36,7 +36,6 @@ from sgma.data.tiles import (
     CachedCropDataset,
     PreparedTile,
     TileCache,
-    TileCropDataset,
     check_crop_size,
     default_cache_dir,
 )
@@ -265,26 +264,14 @@ class FolderDataset(CachedCropDataset):
             options={"description": self.desc},
             stat_keys=tuple(self._mods),
         )
-        if self.cache.stale_reason() is not None:
-            for stem, files in sources.items():
-                self._check_sizes(stem, files)
-            self.cache.prepare(self._load, progress=progress)
+        self._prepare_cache(sources, self._load, progress=progress)
         mods = []
         for n in names:
             m = self._mods[n]
             mean, std = (m["mean"], m["std"]) if m["mean"] is not None else self.cache.stats(n)
             mods.append(Modality(n, m["channels"], tuple(mean), tuple(std)))
         self.modalities: tuple[Modality, ...] = tuple(mods)
-        self.crops = TileCropDataset(
-            self.cache,
-            split,
-            names,
-            crop_size=self.crop_size,
-            random=split == "train",
-            num_samples=num_samples,
-            stride=stride,
-            seed=int(seed),
-        )
+        self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed)
 
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]], str]:

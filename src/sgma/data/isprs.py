@@ -38,7 +38,6 @@ from sgma.data.tiles import (
     CachedCropDataset,
     PreparedTile,
     TileCache,
-    TileCropDataset,
     check_crop_size,
     default_cache_dir,
 )
@@ -244,23 +243,11 @@ class _ISPRSDataset(CachedCropDataset):
             options=self._cache_options(),
             stat_keys=tuple(self.MODALITIES),
         )
-        if self.cache.stale_reason() is not None:
-            for tile, files in sources.items():
-                self._check_sizes(tile, files)
-            self.cache.prepare(self._load_tile, progress=progress)
+        self._prepare_cache(sources, self._load_tile, progress=progress)
         self.modalities: tuple[Modality, ...] = tuple(
             Modality(n, self.MODALITIES[n], *self.cache.stats(n)) for n in names
         )
-        self.crops = TileCropDataset(
-            self.cache,
-            split,
-            names,
-            crop_size=self.crop_size,
-            random=split == "train",
-            num_samples=num_samples,
-            stride=stride,
-            seed=self.seed,
-        )
+        self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=self.seed)
 
     # -- subclass hooks -------------------------------------------------------------------------------
     def _tile_files(self, tile: str, split: str) -> dict[str, Path]:

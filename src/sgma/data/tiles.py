@@ -481,6 +481,31 @@ class CachedCropDataset(torch.utils.data.Dataset):
 
     item_name = "tiles"
 
+    def _check_sizes(self, key: str, files: dict[str, Path]) -> None:
+        """Raise when the source files of one cached image disagree in size (dataset-specific)."""
+        raise NotImplementedError
+
+    def _prepare_cache(self, sources: Mapping[str, dict[str, Path]], load: Callable, *, progress: bool) -> None:
+        """(Re)build the cache when it is stale, checking every image's source sizes first."""
+        if self.cache.stale_reason() is not None:
+            for key, files in sources.items():
+                self._check_sizes(key, files)
+            self.cache.prepare(load, progress=progress)
+
+    def _serve_crops(self, names: Sequence[str], *, num_samples, stride, seed: int, **options) -> TileCropDataset:
+        """Random crops for training, a deterministic grid for val/test."""
+        return TileCropDataset(
+            self.cache,
+            self.split,
+            names,
+            crop_size=self.crop_size,
+            random=self.split == "train",
+            num_samples=num_samples,
+            stride=stride,
+            seed=int(seed),
+            **options,
+        )
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
