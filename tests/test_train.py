@@ -121,8 +121,6 @@ def test_wandb_offline_run_files(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "no W&B run file"
-    meta = runs[0] / "files" / "wandb-metadata.json"
-    assert not meta.exists() or json.loads(meta.read_text())  # written by some wandb versions only
     history = (runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb").read_bytes()
     assert b"test/avg/miou" in history and b"rgb+dsm" in history  # metric keys and the W&B group
 
