@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import bind_to, compose_config
 from sgma.data.deliver import CLASSES, CONDITIONS, Deliver, decode_label, frame_files
 from sgma.data.fake import make_fake_deliver
+from sgma.data.tiles import CACHE_VERSION
 from sgma.modalities import all_patterns
 
 
@@ -43,7 +44,7 @@ def test_layout_samples_and_stats(deliver_root):
     assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (64, 64)
     stats = ds.manifest["stats"]
     assert stats["split"] == "train" and set(stats["modalities"]) == {"rgb", "depth", "event", "lidar"}
-    assert (ds.cache.dir / "manifest.json").is_file() and ds.cache.dir.name == "deliver-v1"
+    assert (ds.cache.dir / "manifest.json").is_file() and ds.cache.dir.name == f"deliver-v{CACHE_VERSION}"
     assert [m.name for m in _ds(deliver_root, modalities="lidar+rgb").modalities] == ["rgb", "lidar"]
 
 
@@ -67,9 +68,9 @@ def test_condition_filter(deliver_root):
     ds = _ds(deliver_root, conditions=["fog", "sun"])
     assert ds.conditions == ("fog", "sun") and len(ds.images) == 4
     assert {t.split("__")[1] for t in ds.images} == {"fog", "sun"}
-    assert ds.cache.dir.name == "deliver-fog+sun-v1"
+    assert ds.cache.dir.name == f"deliver-fog+sun-v{CACHE_VERSION}"
     assert _ds(deliver_root, "val", conditions="night").images == ["val__night__MAP_1_point0__000000_front"]
-    with pytest.raises(ValueError, match="unknown DELIVER condition"):
+    with pytest.raises(ValueError, match=r"dataset\.builder\.conditions: unknown DELIVER condition"):
         _ds(deliver_root, conditions=["snow"])
 
 
@@ -87,8 +88,14 @@ def test_errors(tmp_path, fresh):
         Deliver("train", root=fresh, crop_size=100)
     lidar = frame_files(fresh, "sun", "val", "MAP_1_point0", "000000", "front")["lidar"]
     lidar.unlink()
-    with pytest.raises(FileNotFoundError, match=r"lidar/sun/val/MAP_1_point0/000000_lidar_front\.png"):
+    with pytest.raises(
+        FileNotFoundError, match=r"000000_lidar_front\.png is missing .*dataset\.builder\.skip_incomplete=true"
+    ):
         _ds(fresh)
+    lidar.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"lidar/sun/val/MAP_1_point0/000000_lidar_front\.png is a directory"):
+        _ds(fresh)
+    lidar.rmdir()
     with pytest.warns(UserWarning, match="dropping sun/val/MAP_1_point0/000000_front"):
         assert len(_ds(fresh, "val", skip_incomplete=True).images) == 1
     event = frame_files(fresh, "cloud", "train", "MAP_1_point0", "000000", "front")["event"]
@@ -96,7 +103,7 @@ def test_errors(tmp_path, fresh):
     with pytest.raises(ValueError, match=r"size mismatch: .*000000_event_front\.png is 32 x 64 px"):
         _ds(fresh, skip_incomplete=True)
     event.write_bytes(b"not a png")
-    with pytest.raises(OSError, match=r"cannot read .*000000_event_front\.png"):
+    with pytest.raises(OSError, match=r"cannot read .*000000_event_front\.png .*truncated or corrupt"):
         _ds(fresh, skip_incomplete=True)
 
 

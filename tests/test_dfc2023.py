@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -102,13 +103,21 @@ def test_errors(tmp_path, fresh):
     with pytest.raises(FileNotFoundError, match="is empty"):
         _ds(tmp_path / "empty")
     (fresh / "val" / "sar" / "P0001.tif").unlink()
-    with pytest.raises(FileNotFoundError, match=r"val/sar/P0001\.tif"):
+    with pytest.raises(FileNotFoundError, match=r"P0001\.tif is missing.*dataset\.builder\.skip_incomplete=true"):
+        _ds(fresh)
+    (fresh / "val" / "sar" / "P0001.tif").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"val/sar/P0001\.tif is a directory, not a file"):
         _ds(fresh)
     with pytest.warns(UserWarning, match="dropping val/P0001"):
         _ds(fresh, skip_incomplete=True)
     bad = fresh / "train" / "height" / "P0002.tif"
     bad.write_bytes(b"not a tiff")
-    with pytest.raises(OSError, match=r"cannot read .*P0002\.tif"):
+    with pytest.raises(OSError, match=r"cannot read .*P0002\.tif .*truncated or corrupt"):
+        _ds(fresh, skip_incomplete=True)
+    ann = fresh / "annotations" / "buildings_only_val.json"
+    ann.unlink()
+    ann.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"buildings_only_val\.json is a directory, not a file"):
         _ds(fresh, skip_incomplete=True)
 
 
@@ -120,6 +129,24 @@ def test_missing_test_annotations(tmp_path):
     (root / "annotations" / "buildings_only_train.json").write_text("{broken")
     with pytest.raises(Exception, match=r"buildings_only_train\.json"):
         _ds(root)
+
+
+def test_height_outliers_clipped_and_left_out_of_stats(dfc_root, tmp_path):
+    root = make_fake_dfc2023(tmp_path / "d", height_outliers=["train/P0002"])  # dfc_root plus one 1e30 patch
+    with pytest.warns(UserWarning) as caught:
+        ds = _ds(root)
+    messages = [str(w.message) for w in caught if "outside" in str(w.message)]
+    assert len(messages) == 1 and re.search(
+        r"train/height/P0002\.tif: 64 height \(m above ground\) value\(s\) outside \[-100, 1000\] clipped .*"
+        r"64 above 1000 \(highest 1e\+30\)",
+        messages[0],
+    )
+    info = ds.manifest["tiles"]["train-P0002"]["info"]["outliers"]
+    assert info["dsm"] == {"below": 0, "above": 64, "max": 1e30} and info["sar"] == {"below": 0, "above": 0}
+    assert float(np.asarray(ds.cache.array("train-P0002", "dsm")).max()) == 1000
+    clean = _ds(dfc_root).manifest["stats"]["modalities"]["dsm"]
+    dirty = ds.manifest["stats"]["modalities"]["dsm"]
+    assert dirty["std"][0] == pytest.approx(clean["std"][0], rel=0.02) and dirty["excluded"] == 64
 
 
 def test_image_not_in_annotations(fresh):

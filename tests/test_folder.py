@@ -7,12 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 import yaml
 from PIL import Image
 
 from conftest import bind_to, compose_config
-from sgma.data.fake import FOLDER_PALETTE, make_fake_folder
+from sgma.data.fake import FOLDER_PALETTE, make_fake_folder, write_geotiff
 from sgma.data.folder import FolderDataset, seeded_split
 from sgma.modalities import all_patterns
 
@@ -132,7 +133,10 @@ def test_missing_root_yaml_and_files(tmp_path, fresh):
     with pytest.raises(FileNotFoundError, match=r"no dataset\.yaml"):
         _ds(tmp_path / "noyaml")
     (fresh / "dsm" / "img_001.tif").unlink()
-    with pytest.raises(FileNotFoundError, match=r"img_001"):
+    with pytest.raises(FileNotFoundError, match=r"no file .*dsm/img_001\.\*.*dataset\.builder\.skip_incomplete"):
+        _ds(fresh)
+    (fresh / "dsm" / "img_001.tif").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"dsm/img_001\.tif is a directory, not a file"):
         _ds(fresh)
     with pytest.warns(UserWarning, match="dropping 'img_001'"):
         ds = _ds(fresh, skip_incomplete=True)
@@ -156,6 +160,27 @@ def test_size_mismatch_and_bad_description(fresh):
         (fresh / "dataset.yaml").write_text(yaml.safe_dump(desc))
     with pytest.raises(ValueError, match="multiple of 32"):
         FolderDataset("train", root=fresh, crop_size=50)
+
+
+def test_valid_range_clips_outliers(fresh):
+    path = fresh / "dsm" / "img_002.tif"
+    with rasterio.open(path) as src:
+        height = src.read(1)
+    height[:3, :4] = 1e30
+    height[5, 5] = -500
+    write_geotiff(path, height, gsd=0.5, nodata=-9999.0)
+    with pytest.warns(
+        UserWarning,
+        match=r"img_002\.tif: 13 dsm \(valid_range in dataset\.yaml\) value\(s\) outside "
+        r"\[-100, 1000\] clipped to the range \(1 below -100 \(lowest -500\), 12 above 1000",
+    ):
+        ds = _ds(fresh)
+    stored = np.asarray(ds.cache.array("img_002", "dsm"), np.float32)[0]
+    assert (stored[:3, :4] == 1000).all() and stored[5, 5] == -100
+    assert ds.manifest["tiles"]["img_002"]["info"]["outliers"]["dsm"]["above"] == 12
+    _edit_yaml(fresh, modalities=[{"name": "rgb", "channels": 3}, {"name": "dsm", "channels": 1, "valid_range": [5]}])
+    with pytest.raises(ValueError, match=r"modality 'dsm': valid_range must be \[low, high\]"):
+        _ds(fresh)
 
 
 def test_train_on_fake_folder(folder_root, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from sgma.data.fake import (
     make_fake_vaihingen,
     write_geotiff,
 )
-from sgma.data.isprs import CLASSES, PALETTE, Potsdam, Vaihingen, decode_labels, read_raster
+from sgma.data.isprs import CLASSES, PALETTE, Potsdam, Vaihingen, decode_labels, raster_info, read_raster
 from sgma.data.tiles import MANIFEST, TilePreparationError, check_crop_size, grid_windows
 from sgma.modalities import all_patterns
 
@@ -160,6 +161,31 @@ def test_broken_4_12_label(potsdam_root, tmp_path):
     assert "4_12" not in data.tiles and len(data.tiles) == 21
 
 
+def test_height_outliers_clipped_warned_and_left_out_of_stats(vaihingen_root, tmp_path):
+    """One 1e30 patch in one train DSM: clipped to 1000 m with a warning that counts it; the train DSM
+    mean/std stay those of the clean data (before: the std went from a few metres to thousands)."""
+    root = make_fake_vaihingen(tmp_path / "v", outlier_tiles=["5"])  # same seed and size as vaihingen_root
+    with pytest.warns(UserWarning) as caught:
+        data = Vaihingen("train", root=root, crop_size=CROP, progress=False)
+    outlier_warnings = [str(w.message) for w in caught if "outside [-100, 1000]" in str(w.message)]
+    assert len(outlier_warnings) == 1  # one per tile, with the counts
+    assert re.search(
+        r"dsm_09cm_matching_area5\.tif: 64 height \(m above the tile's ground\) value\(s\) outside \[-100, 1000\] "
+        r"clipped .*64 above 1000 \(highest 1e\+30\).*left out of the mean/std",
+        outlier_warnings[0],
+    )
+    info = data.manifest["tiles"]["5"]["info"]["dsm"]
+    assert info["outliers"] == {"below": 0, "above": 64, "max": 1e30}
+    dsm = np.asarray(data.cache.array("5", "dsm"), np.float32)
+    assert dsm[0, 8:16, 8:16].min() == 1000 and np.isfinite(dsm).all()
+    clean = quiet(Vaihingen, "train", root=vaihingen_root).manifest["stats"]["modalities"]["dsm"]
+    dirty = data.manifest["stats"]["modalities"]["dsm"]
+    assert dirty["std"][0] == pytest.approx(clean["std"][0], rel=0.01)
+    assert dirty["mean"][0] == pytest.approx(clean["mean"][0], rel=0.01)
+    assert dirty["excluded"] == clean["excluded"] + 64 == 25 + 24 + 64  # NaN block, file nodata, the patch
+    assert data.modalities[1].std == tuple(dirty["std"])
+
+
 def test_narrow_ndsm_is_padded(potsdam_root, tmp_path):
     train = quiet(Potsdam, "train", root=potsdam_root)
     tile = POTSDAM_NARROW_NDSM
@@ -179,14 +205,16 @@ def test_empty_ndsm_policy(tmp_path):
         TilePreparationError, match=r"6_7.*dsm_potsdam_06_07_normalized_lastools\.jpg.*empty.*empty_dsm"
     ):
         quiet(Potsdam, "train", root=root)
-    assert not (root / ".sgma_cache/potsdam-v1").exists()
+    assert not (root / f".sgma_cache/potsdam-v{tiles.CACHE_VERSION}").exists()
     kept = quiet(Potsdam, "train", root=root, empty_dsm="keep")
     assert "6_7" in kept.tiles and not np.asarray(kept.cache.array("6_7", "dsm")).any()
     with pytest.warns(UserWarning, match="06_07.*empty"):
         dropped = Potsdam("train", root=root, crop_size=CROP, empty_dsm="drop", progress=False)
     assert "6_7" not in dropped.tiles and "6_7" in dropped.manifest["skipped"]
-    with pytest.raises(ValueError, match="empty_dsm='ignore'"):
+    with pytest.raises(ValueError, match=r"dataset\.builder\.empty_dsm='ignore'"):
         Potsdam("train", root=root, empty_dsm="ignore")
+    with pytest.raises(TilePreparationError, match=r"builder\.empty_dsm=keep .*dataset\.builder\.empty_dsm=drop"):
+        quiet(Potsdam, "train", root=root)
 
 
 def test_potsdam_raw_dsm(potsdam_root):
@@ -249,7 +277,7 @@ def test_cache_reused_and_rebuilt(tmp_path):
     (cache_dir / MANIFEST).write_text(json.dumps(manifest))
     quiet(Potsdam, "train", root=root, cache_dir=cache_dir)
     assert json.loads((cache_dir / MANIFEST).read_text())["version"] == tiles.CACHE_VERSION
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "p"]  # no temp or old folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache", "p"]  # no temp or old folders
     assert data.cache.dir == cache_dir
     # the default location
     default = quiet(Potsdam, "val", root=root)
@@ -272,7 +300,7 @@ def test_failed_preparation_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(TilePreparationError, match=r"tile '2_11' \(writing dsm\).*No space left on device") as err:
         quiet(Potsdam, "train", root=root, cache_dir=cache_dir)
     assert isinstance(err.value.__cause__, OSError)
-    assert not cache_dir.exists() and list(cache_dir.parent.iterdir()) == []  # temp folder removed
+    assert not cache_dir.exists() and [p.name for p in cache_dir.parent.iterdir()] == [".potsdam.lock"]  # no temp
     monkeypatch.setattr(np, "save", real_save)
     assert len(quiet(Potsdam, "train", root=root, cache_dir=cache_dir).tiles) == 22
 
@@ -284,7 +312,7 @@ def test_unreadable_file_mid_preparation(tmp_path):
     jpg.write_bytes(data[: len(data) // 2])  # the header survives (sizes check out), the pixels are cut
     with pytest.raises((OSError, TilePreparationError), match=r"dsm_potsdam_05_12_normalized_lastools\.jpg.*truncated"):
         quiet(Potsdam, "train", root=root)
-    assert list((root / ".sgma_cache").iterdir()) == []
+    assert [p.name for p in (root / ".sgma_cache").iterdir()] == [f".potsdam-v{tiles.CACHE_VERSION}.lock"]
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -307,11 +335,84 @@ def test_missing_modality_file(potsdam_root, tmp_path):
     root = copy_of(potsdam_root, tmp_path / "p")
     missing = root / "1_DSM_normalisation/dsm_potsdam_03_12_normalized_lastools.jpg"
     missing.unlink()
-    with pytest.raises(FileNotFoundError, match=r"tile 3_12: missing .*dsm_potsdam_03_12_normalized_lastools\.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"tile 3_12: .*dsm_potsdam_03_12_normalized_lastools\.jpg is missing"):
+        quiet(Potsdam, "train", root=root)
+    with pytest.raises(FileNotFoundError, match=r"dataset\.builder\.skip_incomplete_tiles=true"):
         quiet(Potsdam, "train", root=root)
     with pytest.warns(UserWarning, match="dropping tile 3_12"):
         data = Potsdam("train", root=root, crop_size=CROP, skip_incomplete_tiles=True, progress=False)
     assert "3_12" not in data.tiles and len(data.tiles) == 21
+    missing.mkdir()  # an unpacking accident: a folder where the file belongs is not "missing"
+    with pytest.raises(FileNotFoundError, match=r"dsm_potsdam_03_12_normalized_lastools\.jpg is a directory, not a"):
+        quiet(Potsdam, "train", root=root)
+
+
+_READ_AS_NOBODY = """
+import os, sys
+import PIL.Image, rasterio, rasterio.errors  # imported before dropping privileges: root's files stay closed
+from sgma.data.isprs import raster_info, read_raster
+os.setgid(65534)
+os.setuid(65534)
+for fn, path in ((raster_info, sys.argv[1]), (read_raster, sys.argv[2])):
+    try:
+        fn(__import__("pathlib").Path(path))
+        print("READ", path)
+    except OSError as err:
+        print(type(err).__name__, err)
+"""
+
+
+def test_permission_denied_is_not_called_corrupt(potsdam_root, tmp_path):
+    """A file the user may not read is reported as such, by the real libraries' errors (rasterio, PIL).
+
+    The sandbox runs as root, which reads any file: there the readers run in a child process that drops to
+    user ``nobody`` after its imports, so the OS really refuses the read."""
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sgma-perm-"))  # outside pytest's root-only tmp tree
+    try:
+        folder.chmod(0o755)
+        tif, jpg = folder / "top_potsdam_2_11_RGBIR.tif", folder / "dsm_potsdam_02_11_normalized_lastools.jpg"
+        shutil.copy(potsdam_root / "4_Ortho_RGBIR/top_potsdam_2_11_RGBIR.tif", tif)
+        shutil.copy(potsdam_root / "1_DSM_normalisation/dsm_potsdam_02_11_normalized_lastools.jpg", jpg)
+        tif.chmod(0)
+        jpg.chmod(0)
+        if os.geteuid() == 0:
+            run = subprocess.run([sys.executable, "-c", _READ_AS_NOBODY, str(tif), str(jpg)], capture_output=True)
+            if run.returncode and b"setuid" in run.stderr + run.stdout:
+                pytest.skip(f"cannot drop privileges here: {run.stderr.decode()[-300:]}")
+            lines = run.stdout.decode().splitlines()
+            assert run.returncode == 0, run.stderr.decode()
+        else:
+            lines = []
+            for fn, path in ((raster_info, tif), (read_raster, jpg)):
+                with pytest.raises(OSError) as err:
+                    fn(path)
+                lines.append(f"{type(err.value).__name__} {err.value}")
+        assert len(lines) == 2
+        for line, path in zip(lines, (tif, jpg), strict=True):
+            assert line.startswith(f"PermissionError cannot read {path}: permission denied"), line
+            assert "check its permissions" in line and "truncated or corrupt" not in line
+    finally:
+        for f in folder.iterdir():
+            f.chmod(0o644)
+        shutil.rmtree(folder)
+
+
+def test_read_errors_say_what_the_file_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot read .*nothing\.tif: it is missing"):
+        raster_info(tmp_path / "nothing.tif")
+    (tmp_path / "folder.tif").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"folder\.tif: it is a directory, not a file"):
+        raster_info(tmp_path / "folder.tif")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(OSError, match=r"broken\.jpg .*truncated or corrupt: extract it again"):
+        read_raster(tmp_path / "broken.jpg")
+    denied = PermissionError(13, "Permission denied")  # what open() raises for a user without read access
+    (tmp_path / "ok.tif").write_bytes(b"x")
+    assert "permission denied" in str(tiles.read_error(tmp_path / "ok.tif", denied))
 
 
 def test_size_mismatch(potsdam_root, tmp_path):
@@ -340,13 +441,17 @@ def test_truncated_tif(potsdam_root, tmp_path):
 
 
 def test_bad_arguments(potsdam_root):
-    with pytest.raises(ValueError, match=r"crop_size=100 must be a positive multiple of 32.*crop_size=96"):
+    with pytest.raises(ValueError, match=r"dataset\.size=100 must be a positive multiple of 32.*dataset\.size=96"):
         Potsdam("train", root=potsdam_root, crop_size=100)
     assert check_crop_size(512) == 512
     with pytest.raises(ValueError, match="unknown split"):
         Potsdam("training", root=potsdam_root)
-    with pytest.raises(ValueError, match=r"unknown potsdam tiles \['710'\].*quote"):
+    with pytest.raises(ValueError, match=r"dataset\.builder\.drop_tiles names unknown potsdam tiles \['710'\].*quote"):
         Potsdam("train", root=potsdam_root, drop_tiles=[710])
+    with pytest.raises(ValueError, match=r"dataset\.builder\.stride=100 must be in \[1, dataset\.size=64\]"):
+        quiet(Potsdam, "val", root=potsdam_root, stride=100)
+    with pytest.raises(ValueError, match=r"dataset\.builder\.dsm_source='lidar'"):
+        Potsdam("train", root=potsdam_root, dsm_source="lidar")
     with pytest.raises(ValueError, match="unknown modality 'sar'"):
         Potsdam("train", root=potsdam_root, modalities=["rgb", "sar"])
 

@@ -37,6 +37,9 @@ from sgma.data.tiles import (
     TileCache,
     check_crop_size,
     default_cache_dir,
+    folder_state,
+    not_files,
+    read_error,
 )
 from sgma.modalities import Modality, parse_pattern
 
@@ -125,9 +128,7 @@ def _missing_data(problem: str) -> FileNotFoundError:
 
 
 def _unreadable(path: Path, err: BaseException) -> OSError:
-    return OSError(
-        f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or corrupt: extract it again"
-    )
+    return read_error(path, err, "extract it again")
 
 
 def frame_files(root: Path, condition: str, split: str, sequence: str, frame: str, view: str) -> dict[str, Path]:
@@ -222,9 +223,7 @@ class Deliver(CachedCropDataset):
         self.crop_size = check_crop_size(crop_size)
         self.conditions = self._conditions(conditions)
         if root is None or str(root) in ("", "???"):
-            raise _missing_data(
-                "no data folder given: set root (on the command line: dataset.builder.root=/path/to/DELIVER)"
-            )
+            raise _missing_data("no data folder given: set dataset.builder.root=/path/to/DELIVER")
         self.root = Path(root).expanduser()
         self.skip_incomplete = bool(skip_incomplete)
         names = parse_pattern(modalities or tuple(MODALITIES), tuple(MODALITIES))
@@ -254,13 +253,17 @@ class Deliver(CachedCropDataset):
         listed = [c.strip().lower() for item in listed for c in item.split("+") if c.strip()]
         unknown = [c for c in listed if c not in CONDITIONS]
         if unknown:
-            raise ValueError(f"unknown DELIVER condition(s) {unknown}; expected some of {', '.join(CONDITIONS)}")
+            raise ValueError(
+                f"dataset.builder.conditions: unknown DELIVER condition(s) {unknown}; expected some of "
+                f"{', '.join(CONDITIONS)}"
+            )
         return tuple(c for c in CONDITIONS if c in listed)  # canonical order, duplicates dropped
 
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
-        if not self.root.is_dir():
-            raise _missing_data(f"root {str(self.root)!r} does not exist")
+        state = folder_state(self.root)
+        if state is not None:
+            raise _missing_data(f"root {str(self.root)!r} {state}")
         entries = [p.name for p in self.root.iterdir() if p.name != ".sgma_cache"]
         if not entries:
             raise _missing_data(f"root {str(self.root)!r} is empty")
@@ -283,18 +286,18 @@ class Deliver(CachedCropDataset):
                             continue
                         frame, view = match["frame"], match["view"]
                         files = frame_files(self.root, condition, split, seq_dir.name, frame, view)
-                        missing = [p for p in files.values() if not p.is_file()]
+                        problems = not_files(list(files.values()))
                         tile = f"{split}__{condition}__{seq_dir.name}__{frame}_{view}"
-                        if missing:
+                        if problems:
                             if not self.skip_incomplete:
                                 raise FileNotFoundError(
-                                    f"{NAME}: missing {', '.join(map(str, missing))} (its rgb image {png} exists); "
-                                    f"extract it again or set skip_incomplete=true to drop incomplete frames with "
-                                    f"a warning"
+                                    f"{NAME}: {'; '.join(problems)} (its rgb image {png} exists); put the file "
+                                    f"there (extract it again) or set dataset.builder.skip_incomplete=true to drop "
+                                    f"incomplete frames with a warning"
                                 )
                             warnings.warn(
-                                f"{NAME}: dropping {condition}/{split}/{seq_dir.name}/{frame}_{view}: missing "
-                                f"{', '.join(map(str, missing))}",
+                                f"{NAME}: dropping {condition}/{split}/{seq_dir.name}/{frame}_{view}: "
+                                f"{'; '.join(problems)}",
                                 stacklevel=3,
                             )
                             continue

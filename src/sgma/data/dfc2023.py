@@ -13,7 +13,11 @@ Layout under ``root``::
 Every image is decoded once (polygons rasterised with pycocotools) into the memory-mapped cache of
 :mod:`sgma.data.tiles` (``<root>/.sgma_cache/dfc2023-v<version>/`` or ``cache_dir``), whose manifest also
 stores the per-modality mean/std measured on the train split (written atomically with the cache).
-No-data/NaN heights and SAR values are set to 0 and counted in the manifest.
+No-data/NaN heights and SAR values are set to 0 and counted in the manifest. The height maps are metres
+above the ground: values outside :data:`~sgma.data.tiles.HEIGHT_RANGE` ([-100, 1000] m; nothing built is
+taller than 828 m, so such values are undeclared no-data or sensor failures) are clipped into it, and SAR
+values beyond the float16 storage (+-65000) are clipped to it; both are counted per image with one warning
+and, like no-data, left out of the train mean/std so a few bad images cannot move the normalisation.
 """
 
 from __future__ import annotations
@@ -30,11 +34,19 @@ import numpy as np
 
 from sgma.data.isprs import raster_info, read_raster
 from sgma.data.tiles import (
+    FLOAT16_LIMIT,
+    HEIGHT_RANGE,
     CachedCropDataset,
     PreparedTile,
     TileCache,
     check_crop_size,
+    clip_outliers,
     default_cache_dir,
+    file_state,
+    folder_state,
+    not_files,
+    outlier_message,
+    read_error,
 )
 from sgma.modalities import Modality, parse_pattern
 
@@ -60,10 +72,12 @@ def _missing_data(problem: str) -> FileNotFoundError:
     )
 
 
+# what each float modality may hold: (low, high, what the values are); beyond it values are clipped
+VALID_RANGE = {"dsm": (*HEIGHT_RANGE, "height (m above ground)"), "sar": (-FLOAT16_LIMIT, FLOAT16_LIMIT, "SAR")}
+
+
 def _unreadable(path: Path, err: BaseException) -> OSError:
-    return OSError(
-        f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or corrupt: extract it again"
-    )
+    return read_error(path, err, "extract it again")
 
 
 def load_coco(path: Path):
@@ -73,8 +87,13 @@ def load_coco(path: Path):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except OSError as err:
         raise _unreadable(path, err) from err
+    except (ValueError, KeyError, TypeError) as err:  # JSON or COCO structure
+        raise ValueError(
+            f"cannot read {path} as COCO annotations ({type(err).__name__}: {err}); the file is truncated or not "
+            f"a COCO json: extract it again"
+        ) from err
 
 
 def rasterise(coco, image_id: int, height: int, width: int) -> np.ndarray:
@@ -131,9 +150,7 @@ class DFC2023(CachedCropDataset):
         self.split = split
         self.crop_size = check_crop_size(crop_size)
         if root is None or str(root) in ("", "???"):
-            raise _missing_data(
-                "no data folder given: set root (on the command line: dataset.builder.root=/path/to/dfc2023)"
-            )
+            raise _missing_data("no data folder given: set dataset.builder.root=/path/to/dfc2023")
         self.root = Path(root).expanduser()
         self.skip_incomplete = bool(skip_incomplete)
         names = parse_pattern(modalities or tuple(MODALITIES), tuple(MODALITIES))
@@ -156,8 +173,9 @@ class DFC2023(CachedCropDataset):
 
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
-        if not self.root.is_dir():
-            raise _missing_data(f"root {str(self.root)!r} does not exist")
+        state = folder_state(self.root)
+        if state is not None:
+            raise _missing_data(f"root {str(self.root)!r} {state}")
         entries = [p.name for p in self.root.iterdir() if p.name != ".sgma_cache"]
         if not entries:
             raise _missing_data(f"root {str(self.root)!r} is empty")
@@ -168,12 +186,14 @@ class DFC2023(CachedCropDataset):
         splits: dict[str, list[str]] = {}
         for split in SPLITS:
             ann = self.root / ANNOTATIONS.format(split=split)
+            if ann.exists() and not ann.is_file():
+                raise _missing_data(f"the {split} annotation file {ann} {file_state(ann)}")
             if not ann.is_file():
                 if split == "test" and split in needed:
                     raise FileNotFoundError(
                         f"{NAME}: split=test needs {ann}, but there is no test annotation file (the contest did not "
-                        f"release test labels with the images). Put buildings_only_test.json there, or evaluate on "
-                        f"val (e.g. test on the val split by pointing the test split at it)."
+                        f"release test labels with the images). Put buildings_only_test.json there, or train with "
+                        f"test=false and score the val split with eval.py ckpt_path=... split=val"
                     )
                 if split in needed:
                     raise _missing_data(f"missing the {split} annotation file {ann}")
@@ -188,16 +208,15 @@ class DFC2023(CachedCropDataset):
             for name in names:
                 files = {m: self.root / split / folder_ for m, (folder_, _) in MODALITIES.items()}
                 files = {m: f / name for m, f in files.items()}
-                missing = [p for p in files.values() if not p.is_file()]
-                if missing:
+                problems = not_files(list(files.values()))
+                if problems:
                     if not self.skip_incomplete:
                         raise FileNotFoundError(
-                            f"{NAME}: missing {', '.join(map(str, missing))} (its rgb image exists); extract it again "
-                            f"or set skip_incomplete=true to drop incomplete images with a warning"
+                            f"{NAME}: {'; '.join(problems)} (its rgb image exists); put the file there (extract it "
+                            f"again) or set dataset.builder.skip_incomplete=true to drop incomplete images with a "
+                            f"warning"
                         )
-                    warnings.warn(
-                        f"{NAME}: dropping {split}/{name}: missing {', '.join(map(str, missing))}", stacklevel=3
-                    )
+                    warnings.warn(f"{NAME}: dropping {split}/{name}: {'; '.join(problems)}", stacklevel=3)
                     continue
                 files["annotations"] = ann
                 tile = f"{split}-{Path(name).stem}"
@@ -231,7 +250,8 @@ class DFC2023(CachedCropDataset):
         if rgb.dtype != np.uint8:
             rgb = np.clip(rgb, 0, 255).astype(np.uint8)
         arrays: dict[str, np.ndarray] = {"rgb": rgb}
-        info: dict[str, Any] = {"nodata_pixels": {}}
+        exclude: dict[str, np.ndarray] = {}
+        info: dict[str, Any] = {"nodata_pixels": {}, "outliers": {}}
         for m in ("dsm", "sar"):
             raw, nodata = read_raster(files[m], (1,))
             x = raw.astype(np.float32)
@@ -240,7 +260,13 @@ class DFC2023(CachedCropDataset):
                 invalid |= x == np.float32(nodata)
             info["nodata_pixels"][m] = int(invalid.sum())
             x[invalid] = 0
-            arrays[m] = np.clip(x, -65000, 65000).astype(np.float16)
+            low, high, what = VALID_RANGE[m]
+            x, outliers, counts = clip_outliers(x, low, high)
+            info["outliers"][m] = counts
+            if counts["below"] or counts["above"]:
+                warnings.warn(outlier_message(files[m], what, low, high, counts), stacklevel=2)
+            arrays[m] = x.astype(np.float16)
+            exclude[m] = (invalid | outliers)[0]
         coco, by_name = self._coco_of(files["annotations"])
         name = files["rgb"].name
         if name not in by_name:
@@ -254,7 +280,7 @@ class DFC2023(CachedCropDataset):
             )
         mask = rasterise(coco, by_name[name], h, w)
         info["building_pixels"] = int(mask.sum())
-        return PreparedTile(arrays={**arrays, "mask": mask}, info=info)
+        return PreparedTile(arrays={**arrays, "mask": mask}, info=info, exclude=exclude)
 
     # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property

@@ -11,7 +11,9 @@ Defects written on purpose (what the loaders must survive):
 * the nDSM of :data:`POTSDAM_NARROW_NDSM` is 1 px narrower than its RGBIR tile (the 5999 px case);
 * the ``_ownapproach`` nDSM of one tile is empty; ``empty_ndsm_tiles`` also empties ``_lastools`` ones;
 * a few off-palette pixels in :data:`OFF_PALETTE_TILES` labels; black boundaries in eroded labels;
-* raw DSMs (Potsdam ``1_DSM``, Vaihingen ``dsm``) hold absolute heights with NaN and -32767 no-data.
+* raw DSMs (Potsdam ``1_DSM``, Vaihingen ``dsm``) hold absolute heights with NaN and -32767 no-data;
+* on request (``outlier_tiles`` / ``height_outliers``), a :data:`OUTLIER_PATCH` patch of :data:`OUTLIER_VALUE`
+  (an undeclared no-data marker, the kind that once moved a DSM std from 3.4 m to 2877 m) in height maps.
 
 DFC2023 and generic-folder copies (``make_fake_dfc2023``, ``make_fake_folder``) write their real layouts
 (GeoTIFF/PNG files, COCO json, dataset.yaml) with rectangular "buildings" that are bright in rgb, high in
@@ -41,6 +43,8 @@ OFF_PALETTE_COLOUR = (128, 64, 0)
 VAIHINGEN_NAN_DSM = "1"
 VAIHINGEN_NODATA_DSM = "3"
 NODATA = -32767.0
+OUTLIER_VALUE = 1e30
+OUTLIER_PATCH = (slice(8, 16), slice(8, 16))  # 64 px
 
 
 def _scene(rng: np.random.Generator, h: int, w: int) -> dict[str, np.ndarray]:
@@ -189,9 +193,16 @@ def vaihingen_size(tile: str, tile_size: int) -> tuple[int, int]:
 
 
 def make_fake_vaihingen(
-    root: str | Path, tile_size: int = 96, tiles: Iterable[str] | None = None, *, seed: int = 0
+    root: str | Path,
+    tile_size: int = 96,
+    tiles: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    outlier_tiles: Iterable[str] = (),
 ) -> Path:
-    """Write a fake Vaihingen (all 33 labelled areas unless ``tiles``) under ``root``; return ``root``."""
+    """Write a fake Vaihingen (all 33 labelled areas unless ``tiles``) under ``root``; return ``root``.
+    The DSMs of ``outlier_tiles`` get an :data:`OUTLIER_VALUE` patch."""
+    outliers = {str(t) for t in outlier_tiles}
     root = Path(root)
     all_tiles = [t for s in Vaihingen.SPLIT_TILES.values() for t in s]
     tiles = [str(t) for t in tiles] if tiles is not None else sorted(all_tiles, key=int)
@@ -205,6 +216,8 @@ def make_fake_vaihingen(
         dsm = (scene["height"] + 262.0 + rng.uniform(0, 20)).astype(np.float32)  # absolute heights > 255 m
         if tile == VAIHINGEN_NAN_DSM:
             dsm[:5, :5] = np.nan
+        if tile in outliers:
+            dsm[OUTLIER_PATCH] = OUTLIER_VALUE
         nodata = None
         if tile == VAIHINGEN_NODATA_DSM:
             dsm[-4:, :6] = NODATA
@@ -285,7 +298,7 @@ def make_fake_folder(
     desc = {
         "modalities": [
             {"name": "rgb", "channels": 3},
-            {"name": "dsm", "channels": 1, "mean": [3.0], "std": [5.0], "nodata": -9999},
+            {"name": "dsm", "channels": 1, "mean": [3.0], "std": [5.0], "nodata": -9999, "valid_range": [-100, 1000]},
         ],
         "classes": list(FOLDER_CLASSES),
         "palette": [list(c) for c in FOLDER_PALETTE],
@@ -315,10 +328,13 @@ def make_fake_dfc2023(
     size: int = 64,
     seed: int = 0,
     test_annotations: bool = True,
+    height_outliers: Iterable[str] = (),
 ) -> Path:
     """The DFC2023 track-2 layout: ``{train,val,test}/{rgb,sar,height}/P0001.tif`` plus COCO polygons in
     ``annotations/buildings_only_{split}.json`` (one rectangle per building, possibly overlapping; their union
-    is the building mask). ``test_annotations=False`` leaves out the test json. Returns ``root``."""
+    is the building mask). ``test_annotations=False`` leaves out the test json; the height maps named in
+    ``height_outliers`` (``"train/P0001"``) get an :data:`OUTLIER_VALUE` patch. Returns ``root``."""
+    outliers = set(height_outliers)
     root = Path(root)
     rng = np.random.default_rng(seed)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -327,6 +343,8 @@ def make_fake_dfc2023(
         for i in range(n):
             name = f"P{i + 1:04d}.tif"
             _, rgb, height, sar, buildings = _box_scene(rng, size, water=False)
+            if f"{split}/{Path(name).stem}" in outliers:
+                height[OUTLIER_PATCH] = OUTLIER_VALUE
             write_geotiff(root / split / "rgb" / name, rgb, gsd=0.5)
             write_geotiff(root / split / "sar" / name, sar, gsd=0.5)
             write_geotiff(root / split / "height" / name, height, gsd=0.5)

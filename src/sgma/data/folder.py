@@ -13,7 +13,11 @@ Splits, first match wins: (1) ``<root>/splits/{train,val,test}.txt``; (2) ``spli
 :mod:`sgma.data.tiles` (``<root>/.sgma_cache/folder-v<version>/``, or ``cache_dir``): uint8 pixels stay
 uint8, any other dtype is stored as float16 (about 3 significant digits; rescale 16-bit data beforehand if
 that matters). No-data values (per modality ``nodata``) and NaNs are set to 0 and counted in the manifest.
-Missing ``mean``/``std`` are measured on the train split and stored in the cache manifest.
+A modality may declare the physical range of its values (``valid_range: [low, high]``, e.g. ``[-100, 1000]``
+for heights in metres above ground): values outside it are clipped into it, and float values beyond the
+float16 storage (+-65000) are clipped to it; both are counted per image with one warning. Missing
+``mean``/``std`` are measured on the train split, leaving no-data and clipped pixels out, and stored in the
+cache manifest.
 
 Training reads random ``crop_size`` crops (images smaller than the crop are padded with ignore labels);
 val/test read a sliding grid that scores every pixel once. Modality names are free (lowercase, no ``+``),
@@ -33,11 +37,17 @@ import numpy as np
 
 from sgma.data.isprs import raster_info, read_raster
 from sgma.data.tiles import (
+    FLOAT16_LIMIT,
     CachedCropDataset,
     PreparedTile,
     TileCache,
     check_crop_size,
+    clip_outliers,
     default_cache_dir,
+    file_state,
+    folder_state,
+    outlier_message,
+    read_error,
 )
 from sgma.modalities import SEPARATOR, Modality, parse_pattern
 
@@ -62,7 +72,7 @@ TREE = """\
 EXAMPLE_YAML = """\
 modalities:                 # canonical order; names lowercase, no '+'
   - {name: rgb, channels: 3}                                 # mean/std measured on train if absent
-  - {name: dsm, channels: 1, mean: [4.2], std: [5.1], nodata: -9999}
+  - {name: dsm, channels: 1, mean: [4.2], std: [5.1], nodata: -9999, valid_range: [-100, 1000]}
 classes: [background, building, road]
 palette: [[0, 0, 0], [255, 0, 0], [128, 128, 128]]          # optional; labels may then be RGB colours
 ignore_index: 255           # label value ignored in the loss and metrics (default 255)
@@ -83,19 +93,24 @@ def load_description(root: Path) -> tuple[dict[str, Any], Path]:
     """The parsed ``dataset.yaml``/``.json`` of ``root`` and its path."""
     for name in CONFIG_NAMES:
         path = root / name
-        if path.is_file():
+        if path.exists():
             break
     else:
         raise _expected(f"no dataset.yaml (or dataset.json) in {str(root)!r}")
+    if not path.is_file():
+        raise _expected(f"{path} {file_state(path)}")
     try:
         text = path.read_text()
+    except OSError as err:
+        raise read_error(path, err, "write it again") from err
+    try:
         if path.suffix == ".json":
             desc = json.loads(text)
         else:
             import yaml
 
             desc = yaml.safe_load(text)
-    except Exception as err:  # OSError, json's ValueError, yaml.YAMLError
+    except Exception as err:  # json's ValueError, yaml.YAMLError
         raise ValueError(f"cannot parse {path}: {err}") from err
     if not isinstance(desc, dict):
         raise ValueError(f"{path} must hold a mapping (modalities, classes, ...); example:\n{EXAMPLE_YAML}")
@@ -121,7 +136,16 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         channels = int(m["channels"])
         if channels < 1:
             raise bad(f"modality {name!r}: channels must be >= 1")
-        entry = {"name": name, "channels": channels, "nodata": m.get("nodata")}
+        entry = {"name": name, "channels": channels, "nodata": m.get("nodata"), "valid_range": None}
+        if m.get("valid_range") is not None:
+            bounds = m["valid_range"]
+            try:
+                low, high = (float(v) for v in bounds)
+            except (TypeError, ValueError):
+                raise bad(f"modality {name!r}: valid_range must be [low, high], got {bounds!r}") from None
+            if not low < high:
+                raise bad(f"modality {name!r}: valid_range [{low}, {high}] needs low < high")
+            entry["valid_range"] = [low, high]
         for key in ("mean", "std"):
             v = m.get(key)
             if v is not None:
@@ -241,10 +265,11 @@ class FolderDataset(CachedCropDataset):
         self.split = split
         self.crop_size = check_crop_size(crop_size)
         if root is None or str(root) in ("", "???"):
-            raise _expected("no data folder given: set root (on the command line: dataset.builder.root=/path/to/data)")
+            raise _expected("no data folder given: set dataset.builder.root=/path/to/data")
         self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise _expected(f"root {str(self.root)!r} does not exist")
+        state = folder_state(self.root)
+        if state is not None:
+            raise _expected(f"root {str(self.root)!r} {state}")
         if not any(p.name != ".sgma_cache" for p in self.root.iterdir()):
             raise _expected(f"root {str(self.root)!r} is empty")
         desc, self.description_file = load_description(self.root)
@@ -276,10 +301,10 @@ class FolderDataset(CachedCropDataset):
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]], str]:
         folders = [*self._mods, LABELS]
-        absent = [f for f in folders if not (self.root / f).is_dir()]
+        absent = [f"{self.root / f} {folder_state(self.root / f)}" for f in folders if not (self.root / f).is_dir()]
         if absent:
             raise _expected(
-                f"missing folder(s) {', '.join(str(self.root / f) for f in absent)} (the modalities in "
+                f"folder(s) {'; '.join(absent)} (the modalities in "
                 f"{self.description_file.name} are {', '.join(self._mods)}; labels go in {LABELS}/)"
             )
         index = {f: _index_folder(self.root / f) for f in folders}
@@ -293,16 +318,14 @@ class FolderDataset(CachedCropDataset):
             for stem in stems:
                 missing = [f for f in folders if stem not in index[f]]
                 if missing:
-                    where = [str(self.root / f / f"{stem}.*") for f in missing]
+                    where = "; ".join(self._not_found(f, stem) for f in missing)
                     if not self.skip_incomplete:
                         raise FileNotFoundError(
-                            f"folder dataset: stem {stem!r} ({split}) has no file {', '.join(where)} (accepted "
-                            f"extensions: {', '.join(IMAGE_EXTS)}); add it or set skip_incomplete: true "
-                            f"(dataset.builder.skip_incomplete=true) to drop incomplete stems with a warning"
+                            f"folder dataset: stem {stem!r} ({split}): {where} (accepted extensions: "
+                            f"{', '.join(IMAGE_EXTS)}); add the file or set dataset.builder.skip_incomplete=true to "
+                            f"drop incomplete stems with a warning"
                         )
-                    warnings.warn(
-                        f"folder dataset: dropping {stem!r} ({split}): missing {', '.join(where)}", stacklevel=3
-                    )
+                    warnings.warn(f"folder dataset: dropping {stem!r} ({split}): {where}", stacklevel=3)
                     continue
                 sources[stem] = {f: index[f][stem] for f in folders}
                 kept[split].append(stem)
@@ -316,13 +339,29 @@ class FolderDataset(CachedCropDataset):
             )
         return sources, kept, how
 
+    def _not_found(self, folder: str, stem: str) -> str:
+        """Why ``stem`` has no image in ``folder``: no such file, or a non-file (a directory) by that name."""
+        odd = [
+            p
+            for p in sorted((self.root / folder).iterdir())
+            if p.stem == stem and p.suffix.lower() in IMAGE_EXTS and not p.is_file()
+        ]
+        if odd:
+            return "; ".join(f"{p} {file_state(p)}" for p in odd)
+        return f"no file {self.root / folder / stem}.*"
+
     def _splits(self, stems: list[str]) -> tuple[dict[str, list[str]], str]:
         folder = self.root / "splits"
         files = {s: folder / f"{s}.txt" for s in SPLITS}
         if any(p.is_file() for p in files.values()):
             out = {}
             for s, p in files.items():
-                lines = p.read_text().splitlines() if p.is_file() else []
+                if p.exists() and not p.is_file():
+                    raise FileNotFoundError(f"folder dataset: the split list {p} {file_state(p)}")
+                try:
+                    lines = p.read_text().splitlines() if p.is_file() else []
+                except OSError as err:
+                    raise read_error(p, err, "write it again") from err
                 out[s] = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
             how = f"{folder}/*.txt"
         elif self.desc["splits"] is not None:
@@ -369,10 +408,11 @@ class FolderDataset(CachedCropDataset):
     def _load(self, stem: str) -> PreparedTile:
         files = {k: Path(v) for k, v in self.cache.sources[stem].items()}
         arrays: dict[str, np.ndarray] = {}
-        info: dict[str, Any] = {"nodata_pixels": {}}
+        exclude: dict[str, np.ndarray] = {}
+        info: dict[str, Any] = {"nodata_pixels": {}, "outliers": {}}
         for name, m in self._mods.items():
             raw, file_nodata = read_raster(files[name], range(1, m["channels"] + 1))
-            if raw.dtype == np.uint8 and m["nodata"] is None:
+            if raw.dtype == np.uint8 and m["nodata"] is None and m["valid_range"] is None:
                 arrays[name] = raw
                 continue
             x = raw.astype(np.float32)
@@ -382,9 +422,17 @@ class FolderDataset(CachedCropDataset):
                 invalid |= x == np.float32(nodata)
             info["nodata_pixels"][name] = int(invalid.sum())  # counted in the manifest, no warning per image
             x[invalid] = 0
-            arrays[name] = np.clip(x, -65000, 65000).astype(np.float16)
+            low, high = m["valid_range"] or (-FLOAT16_LIMIT, FLOAT16_LIMIT)
+            low, high = max(low, -FLOAT16_LIMIT), min(high, FLOAT16_LIMIT)
+            x, outliers, counts = clip_outliers(x, low, high, valid=~invalid)
+            info["outliers"][name] = counts
+            if counts["below"] or counts["above"]:
+                what = f"{name} (valid_range in {self.description_file.name})" if m["valid_range"] else name
+                warnings.warn(outlier_message(files[name], what, low, high, counts), stacklevel=2)
+            arrays[name] = x.astype(np.float16)
+            exclude[name] = (invalid | outliers).any(axis=0)  # a pixel is left out if any channel is
         arrays["mask"], info["label"] = self.decode_label(files[LABELS])
-        return PreparedTile(arrays=arrays, info=info)
+        return PreparedTile(arrays=arrays, info=info, exclude=exclude)
 
     def decode_label(self, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         """Label file -> (H, W) uint8 class ids with ``IGNORE_INDEX`` for ignored pixels, plus class counts."""

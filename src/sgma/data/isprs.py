@@ -21,7 +21,16 @@ Known defects and what happens to them (all recorded in the cache manifest):
   flat DSM) or ``drop`` (remove the tile from its split, warned);
 * absolute heights (Vaihingen DSM, Potsdam raw ``1_DSM`` with ``dsm_source="dsm"``) become heights above
   a per-tile ground level (the 2nd percentile; negatives clipped to 0), NaN / no-data / values < -1000 -> 0,
-  counted per tile. This is a flat-ground approximation, not a terrain model.
+  counted per tile. This is a flat-ground approximation, not a terrain model;
+* heights more than 1000 m above that ground or 100 m below it (:data:`~sgma.data.tiles.HEIGHT_RANGE`:
+  no building is taller than 828 m, so such values are undeclared no-data markers or sensor failures, e.g.
+  a 1e30 patch) are clipped into [0, 1000] m, counted per tile with one warning, and left out of the
+  mean/std with the no-data pixels, so a few bad tiles cannot flatten every tile's normalised DSM. The
+  Potsdam 8-bit nDSM (grey levels 0-255) cannot hold such values.
+
+Problems with the files say what the file is: missing, a directory, unreadable for its permissions (then
+the fix is ``chmod``/``chown``, not a new download), or truncated/corrupt. Options in messages are the
+command-line keys (``dataset.builder.empty_dsm``, ``dataset.size``, ...).
 """
 
 from __future__ import annotations
@@ -35,11 +44,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sgma.data.tiles import (
+    HEIGHT_RANGE,
     CachedCropDataset,
     PreparedTile,
     TileCache,
     check_crop_size,
+    clip_outliers,
     default_cache_dir,
+    file_state,
+    folder_state,
+    not_files,
+    outlier_message,
+    read_error,
 )
 from sgma.modalities import Modality, parse_pattern
 
@@ -82,7 +98,8 @@ def decode_labels(
     if off > max_off_palette * code.size:
         raise ValueError(
             f"{path}: {off / code.size:.0%} of the pixels have colours outside the ISPRS palette {PALETTE} (RGB "
-            f"order); it is likely not a label file (an image or an overlay) or has the wrong channel order (BGR?)"
+            f"order), more than dataset.builder.max_off_palette={max_off_palette}; it is likely not a label file "
+            f"(an image or an overlay) or has the wrong channel order (BGR?)"
         )
     counts = np.bincount(mask.ravel(), minlength=256)
     stats = {
@@ -101,10 +118,7 @@ def decode_labels(
 
 # ------------------------------------------------------------------------------------------------- I/O
 def _unreadable(path: Path, err: BaseException) -> OSError:
-    return OSError(
-        f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or corrupt: extract it "
-        f"again from the ISPRS archive"
-    )
+    return read_error(path, err, "extract it again from the archive it came from")
 
 
 def raster_info(path: Path) -> tuple[int, int, int]:
@@ -156,17 +170,37 @@ def read_raster(path: Path, bands: Sequence[int] | None = None) -> tuple[np.ndar
         raise _unreadable(path, err) from err
 
 
-def heights_above_ground(dsm: np.ndarray, nodata: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Absolute heights (H, W) -> float16 (1, H, W) heights above the tile's 2nd-percentile ground, no-data
-    (NaN, the file's nodata value, values < -1000) set to 0 and counted."""
+def heights_above_ground(dsm: np.ndarray, nodata: float | None = None) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """Absolute heights (H, W) -> float16 (1, H, W) heights above the tile's 2nd-percentile ground, the
+    bookkeeping and an (H, W) mask of the pixels that are not measurements (for the mean/std).
+
+    No-data (NaN, the file's nodata value, values < -1000) is set to 0 and counted (``nodata_pixels``);
+    heights outside :data:`~sgma.data.tiles.HEIGHT_RANGE` relative to the ground are clipped and counted
+    (``outliers``: below / above, with the extremes); negative heights inside the range become 0 (the
+    flat-ground approximation)."""
     dsm = dsm.astype(np.float32, copy=False)
     invalid = ~np.isfinite(dsm) | (dsm < NODATA_BELOW)
     if nodata is not None and np.isfinite(nodata):
         invalid |= dsm == np.float32(nodata)
     valid = dsm[~invalid]
-    ground = float(np.percentile(valid, GROUND_PERCENTILE)) if valid.size else 0.0
-    out = np.clip(np.where(invalid, 0, dsm - ground), 0, 65000).astype(np.float16)
-    return out[None], {"nodata_pixels": int(invalid.sum()), "ground": round(ground, 3)}
+    ground = float(np.percentile(valid, GROUND_PERCENTILE)) if valid.size else 0.0  # robust to high outliers
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e30 - ground stays finite; NaN is masked
+        relative = np.where(invalid, 0, dsm - np.float32(ground))
+    relative, outliers, counts = clip_outliers(relative, *HEIGHT_RANGE, valid=~invalid)
+    out = np.maximum(relative, 0).astype(np.float16)
+    info = {"nodata_pixels": int(invalid.sum()), "ground": round(ground, 3), "outliers": counts}
+    return out[None], info, invalid | outliers
+
+
+def _heights(raw: np.ndarray, nodata: float | None, path: Path) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """:func:`heights_above_ground` with one warning per tile for no-data and one for clipped outliers."""
+    height, info, not_measured = heights_above_ground(raw, nodata)
+    if info["nodata_pixels"]:
+        warnings.warn(f"{path}: {info['nodata_pixels']} no-data/NaN pixel(s) set to 0 m", stacklevel=3)
+    if info["outliers"]["below"] or info["outliers"]["above"]:
+        what = "height (m above the tile's ground)"
+        warnings.warn(outlier_message(path, what, *HEIGHT_RANGE, info["outliers"]), stacklevel=3)
+    return height, info, not_measured
 
 
 def _is_empty(height: np.ndarray) -> bool:
@@ -211,7 +245,9 @@ class _ISPRSDataset(CachedCropDataset):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if empty_dsm not in self.EMPTY_DSM_POLICIES:
-            raise ValueError(f"empty_dsm={empty_dsm!r}: use one of {', '.join(self.EMPTY_DSM_POLICIES)}")
+            raise ValueError(
+                f"dataset.builder.empty_dsm={empty_dsm!r}: use one of {', '.join(self.EMPTY_DSM_POLICIES)}"
+            )
         self.split = split
         self.crop_size = check_crop_size(crop_size)
         if root is None or str(root) in ("", "???"):
@@ -230,8 +266,9 @@ class _ISPRSDataset(CachedCropDataset):
         unknown = [t for t in self.drop_tiles if not any(t in tiles for tiles in self.SPLIT_TILES.values())]
         if unknown:
             raise ValueError(
-                f"drop_tiles names unknown {self.NAME} tiles {unknown} (quote tile ids in YAML: 7_10 is the number "
-                f"710 there, write '7_10')"
+                f"dataset.builder.drop_tiles names unknown {self.NAME} tiles {unknown} (quote tile ids in YAML: "
+                f"7_10 is the number 710 there, write '7_10'; on the command line: "
+                f"'dataset.builder.drop_tiles=[\"7_10\"]')"
             )
 
         sources, splits = self._verify()
@@ -270,15 +307,16 @@ class _ISPRSDataset(CachedCropDataset):
     # -- verification ---------------------------------------------------------------------------------
     def _missing_data_error(self, problem: str) -> FileNotFoundError:
         return FileNotFoundError(
-            f"{self.NAME}: {problem}. Expected these folders under root={str(self.root)!r}: "
+            f"{self.NAME}: {problem}. Expected these folders under dataset.builder.root={str(self.root)!r}: "
             f"{', '.join(self.FOLDERS)}. Get the data from the ISPRS 2D semantic labelling benchmark "
             f"({ISPRS_URL}; the archives unpack into the folders above). Expected tree:\n{self.TREE}"
         )
 
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
         """Check the root and every tile's files; return (sources per tile, tile ids per split)."""
-        if not self.root.is_dir():
-            raise self._missing_data_error(f"root {str(self.root)!r} does not exist")
+        state = folder_state(self.root)
+        if state is not None:
+            raise self._missing_data_error(f"root {str(self.root)!r} {state}")
         entries = [p.name for p in self.root.iterdir() if p.name != ".sgma_cache"]
         if not entries:
             raise self._missing_data_error(f"root {str(self.root)!r} is empty")
@@ -298,13 +336,13 @@ class _ISPRSDataset(CachedCropDataset):
                 except _SkipTile as skip:
                     warnings.warn(f"{self.NAME}: dropping tile {tile}: {skip}", stacklevel=3)
                     continue
-                missing = [p for p in files.values() if not p.is_file()]
-                if missing:
+                problems = not_files(list(files.values()))
+                if problems:
                     if not self.skip_incomplete_tiles:
-                        raise self._missing_file_error(tile, missing)
+                        raise self._missing_file_error(tile, problems)
                     warnings.warn(
-                        f"{self.NAME}: dropping tile {tile} ({split}): missing {', '.join(map(str, missing))} "
-                        f"(skip_incomplete_tiles=true)",
+                        f"{self.NAME}: dropping tile {tile} ({split}): {'; '.join(problems)} "
+                        f"(dataset.builder.skip_incomplete_tiles=true)",
                         stacklevel=3,
                     )
                     continue
@@ -314,10 +352,11 @@ class _ISPRSDataset(CachedCropDataset):
             raise self._missing_data_error(f"no complete tile left in the {self.split} split")
         return sources, splits
 
-    def _missing_file_error(self, tile: str, missing: list[Path]) -> FileNotFoundError:
+    def _missing_file_error(self, tile: str, problems: list[str]) -> FileNotFoundError:
         return FileNotFoundError(
-            f"{self.NAME} tile {tile}: missing {', '.join(str(p) for p in missing)}. Re-extract it from the ISPRS "
-            f"archive ({ISPRS_URL}), or pass skip_incomplete_tiles=true to drop incomplete tiles with a warning."
+            f"{self.NAME} tile {tile}: {'; '.join(problems)}. Put the file there (from the ISPRS archive, "
+            f"{ISPRS_URL}), or set dataset.builder.skip_incomplete_tiles=true to drop incomplete tiles with a "
+            f"warning."
         )
 
     # -- shared decoding --------------------------------------------------------------------------------
@@ -346,8 +385,11 @@ class _ISPRSDataset(CachedCropDataset):
         """Apply the ``empty_dsm`` policy; return a skip reason for ``drop``."""
         msg = f"{self.NAME} tile {tile}: the height file {path} is empty (constant)"
         if self.empty_dsm == "error":
-            raise ValueError(f"{msg}; set empty_dsm=keep to use it anyway or empty_dsm=drop to drop the tile")
-        warnings.warn(f"{msg}; empty_dsm={self.empty_dsm}", stacklevel=2)
+            raise ValueError(
+                f"{msg}; set dataset.builder.empty_dsm=keep to use it anyway or dataset.builder.empty_dsm=drop to "
+                f"drop the tile"
+            )
+        warnings.warn(f"{msg}; dataset.builder.empty_dsm={self.empty_dsm}", stacklevel=2)
         return msg if self.empty_dsm == "drop" else None
 
     # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
@@ -455,9 +497,11 @@ class Potsdam(_ISPRSDataset):
         progress: bool = True,
     ) -> None:
         if broken_labels not in ("error", "skip"):
-            raise ValueError(f"broken_labels={broken_labels!r}: use 'error' or 'skip'")
+            raise ValueError(f"dataset.builder.broken_labels={broken_labels!r}: use 'error' or 'skip'")
         if dsm_source not in ("ndsm", "dsm"):
-            raise ValueError(f"dsm_source={dsm_source!r}: use 'ndsm' (8-bit normalised DSM) or 'dsm' (raw)")
+            raise ValueError(
+                f"dataset.builder.dsm_source={dsm_source!r}: use 'ndsm' (8-bit normalised DSM) or 'dsm' (raw)"
+            )
         self.broken_labels = broken_labels
         self.dsm_source = dsm_source
         super().__init__(
@@ -496,11 +540,13 @@ class Potsdam(_ISPRSDataset):
             else:
                 problem = (
                     f"{self.LABEL.format(**ids)} is a known-broken overlay, not a mask, and its correct copy "
-                    f"{fixed} is missing (from 5_Labels_for_participants.zip)"
+                    f"{fixed} {file_state(fixed)} (from 5_Labels_for_participants.zip)"
                 )
                 if self.broken_labels == "skip":
-                    raise _SkipTile(f"{problem}; broken_labels=skip")
-                raise FileNotFoundError(f"{problem}. Add that file or set broken_labels=skip to drop tile {tile}.")
+                    raise _SkipTile(f"{problem}; dataset.builder.broken_labels=skip")
+                raise FileNotFoundError(
+                    f"{problem}. Add that file or set dataset.builder.broken_labels=skip to drop tile {tile}."
+                )
         height = self.NDSM if self.dsm_source == "ndsm" else self.DSM
         return {
             "rgbir": self.root / self.RGBIR.format(**ids),
@@ -525,18 +571,15 @@ class Potsdam(_ISPRSDataset):
             raise ValueError(f"{rgbir_path} is {rgbir.dtype}; RGBIR tiles are uint8")
         shape = rgbir.shape[1:]
         info: dict[str, Any] = {"notes": []}
-        if self.dsm_source == "ndsm":
+        exclude: dict[str, np.ndarray] = {}
+        if self.dsm_source == "ndsm":  # 8-bit grey levels: no no-data, no outliers possible
             height, _ = read_raster(dsm_path, (1,))
             height, note = _fit_to(height, shape, dsm_path, rgbir_path, tile)
             height = height.astype(np.float16)
         else:
             raw, nodata = read_raster(dsm_path, (1,))
             raw, note = _fit_to(raw, shape, dsm_path, rgbir_path, tile)
-            height, info["dsm"] = heights_above_ground(raw[0], nodata)
-            if info["dsm"]["nodata_pixels"]:
-                warnings.warn(
-                    f"{dsm_path}: {info['dsm']['nodata_pixels']} no-data/NaN pixel(s) set to 0 m", stacklevel=2
-                )
+            height, info["dsm"], exclude["dsm"] = _heights(raw[0], nodata, dsm_path)
         if note:
             info["notes"].append(note)
         if _is_empty(height):
@@ -546,7 +589,7 @@ class Potsdam(_ISPRSDataset):
             info["notes"].append("empty dsm kept")
         mask, info["label"] = self._label(label_path, tile, shape, rgbir_path)
         arrays = {"rgb": rgbir[:3], "nir": rgbir[3:4], "dsm": height, "mask": mask}
-        return PreparedTile(arrays=arrays, info=info)
+        return PreparedTile(arrays=arrays, info=info, exclude=exclude)
 
 
 class Vaihingen(_ISPRSDataset):
@@ -637,14 +680,14 @@ class Vaihingen(_ISPRSDataset):
             raise ValueError(
                 f"size mismatch in tile {tile}: {files['dsm']} is {_hw(raw.shape)} but {files['irrg']} is {_hw(shape)}"
             )
-        height, dsm_info = heights_above_ground(raw[0], nodata)
+        height, dsm_info, not_measured = _heights(raw[0], nodata, files["dsm"])
         info: dict[str, Any] = {"dsm": dsm_info, "notes": []}
-        if dsm_info["nodata_pixels"]:
-            warnings.warn(f"{files['dsm']}: {dsm_info['nodata_pixels']} no-data/NaN pixel(s) set to 0 m", stacklevel=2)
         if _is_empty(height):
             reason = self._empty_height(tile, files["dsm"])
             if reason:
                 return PreparedTile(skip=reason)
             info["notes"].append("empty dsm kept")
         mask, info["label"] = self._label(files["label"], tile, shape, files["irrg"])
-        return PreparedTile(arrays={"irrg": irrg, "dsm": height, "mask": mask}, info=info)
+        return PreparedTile(
+            arrays={"irrg": irrg, "dsm": height, "mask": mask}, info=info, exclude={"dsm": not_measured}
+        )

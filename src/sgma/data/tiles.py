@@ -14,21 +14,35 @@ Cache layout (``<root>/.sgma_cache/<dataset>-v<CACHE_VERSION>/`` unless ``cache_
 file's path/size/mtime, the per-split tile lists (after defects have dropped tiles), per-tile shapes and
 label statistics, tiles that were skipped (and why), and the per-modality mean/std measured on the TRAIN
 tiles only (the "compute stats" step; the datasets turn them into :class:`~sgma.modalities.Modality`).
-A cache whose version, options or sources differ is rebuilt from scratch: caches are never mixed.
+A cache whose version, options or sources differ, or one whose arrays do not match the manifest (a
+missing or truncated ``.npy``, another shape or dtype), is rebuilt from scratch and the reason is logged:
+caches are never mixed or patched.
 
-Preparation is atomic: everything is written into a temporary sibling folder that replaces the cache with
-``os.replace`` at the end; any failure removes the temporary folder and re-raises naming the tile.
+Preparation is atomic and happens once, whoever asks:
+
+* everything is written into a temporary sibling folder (``.<name>.tmp-<pid>-<random>``) that replaces the
+  cache with ``os.replace`` at the end; a failure removes it and re-raises naming the tile;
+* it runs under a file lock next to the cache (``.<name>.lock``, :mod:`filelock`), so concurrent processes
+  and DDP ranks prepare once: the others wait, then open the finished cache. The lock is an OS lock
+  (``flock``): a killed process releases it, so a crash never leaves the cache locked;
+* a preparation killed outright (SIGKILL, OOM, power loss) leaves its temporary folder behind; such
+  orphans are removed, and the removal logged, by the next process that holds the lock (never while
+  another process prepares: it would hold the lock);
+* folders and files are created with the process's umask (``0o755`` / ``0o644`` under the usual ``022``),
+  so a cache prepared in a shared data root is readable by the group as the user's umask intends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +52,15 @@ import torch
 
 log = logging.getLogger("sgma")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: heights clipped to HEIGHT_RANGE, statistics leave no-data and outliers out
 MANIFEST = "manifest.json"
 CROP_MULTIPLE = 32  # encoders downsample by 32: input sides must be multiples of it
 STORAGE_DTYPES = (np.uint8, np.float16)
+# Heights (nDSM, DSM relative to a ground level) outside this range (metres) are not measurements but
+# sensor or processing failures (no-data markers such as 1e30 or -3.4e38 that the file does not declare):
+# the tallest building is 828 m and the deepest urban excavations a few tens of metres below the ground.
+HEIGHT_RANGE = (-100.0, 1000.0)
+FLOAT16_LIMIT = 65000.0  # the float16 storage saturates at 65504
 
 
 class TilePreparationError(RuntimeError):
@@ -52,16 +71,122 @@ class TilePreparationError(RuntimeError):
 class PreparedTile:
     """One decoded tile: ``arrays`` maps a key (modality name or ``"mask"``) to an array in its storage
     dtype, (C, H, W) for modalities and (H, W) for the mask; ``info`` is JSON-able per-tile bookkeeping
-    (label statistics, no-data counts, notes). ``skip`` (a reason) drops the tile from every split."""
+    (label statistics, no-data counts, notes). ``skip`` (a reason) drops the tile from every split.
+    ``exclude`` maps a modality to an (H, W) bool mask of pixels that are not measurements (no-data that
+    was filled, clipped outliers): they are left out of the mean/std."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     skip: str | None = None
+    exclude: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ file errors
+def file_state(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file ("is missing", "is a directory, not a file", ...);
+    None for a regular file (which may still be unreadable: see :func:`read_error`)."""
+    path = Path(path)
+    try:
+        if path.is_symlink() and not path.exists():
+            return f"is a broken symbolic link (to {os.readlink(path)})"
+        if not path.exists():
+            return "is missing"
+        if path.is_dir():
+            return "is a directory, not a file"
+        if not path.is_file():
+            return "is not a regular file"
+    except PermissionError as err:  # a parent folder the user may not enter
+        return f"cannot be reached: permission denied ({err}); check the permissions of its folders"
+    return None
+
+
+def _permission_denied(path: Path, err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:  # libraries wrap the OS error (rasterio keeps only its text)
+        if isinstance(seen, PermissionError) or getattr(seen, "errno", None) in (errno.EACCES, errno.EPERM):
+            return True
+        if "permission denied" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return not os.access(path, os.R_OK)  # always True for root, a real answer for everyone else
+
+
+def read_error(path: str | os.PathLike, err: BaseException, fix: str = "extract it again") -> OSError:
+    """The error to raise when reading ``path`` failed with ``err``: it says what the file actually is
+    (missing, a directory, unreadable for its permissions) and only calls it truncated or corrupt (with
+    ``fix``) when it is a readable regular file that the decoder rejected."""
+    path = Path(path)
+    state = file_state(path)
+    if state == "is missing":
+        return FileNotFoundError(f"cannot read {path}: it {state}")
+    if state is not None:
+        error = IsADirectoryError if path.is_dir() else OSError
+        return error(f"cannot read {path}: it {state}")
+    if _permission_denied(path, err):
+        return PermissionError(
+            f"cannot read {path}: permission denied ({type(err).__name__}: {err}); check its permissions and "
+            f"owner (ls -l {path}); extracting it again will not help"
+        )
+    return OSError(f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or corrupt: {fix}")
+
+
+def folder_state(path: str | os.PathLike) -> str | None:
+    """What keeps ``path`` from being listed as a folder ("does not exist", "is a file, not a folder",
+    "cannot be listed: permission denied ..."); None for a listable folder."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            return "does not exist"
+        if not path.is_dir():
+            return "is a file, not a folder"
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except PermissionError as err:
+        return f"cannot be listed: permission denied ({err}); check its permissions and owner (ls -ld {path})"
+    return None
+
+
+def not_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """``"<path> is missing"``, ``"<path> is a directory, not a file"``, ... for the paths that are not files."""
+    return [f"{p} {state}" for p in paths if (state := file_state(p)) is not None]
+
+
+# ------------------------------------------------------------------------------------------ outliers
+def clip_outliers(
+    x: np.ndarray, low: float, high: float, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``x`` clipped to [low, high], the (x.shape) mask of clipped values among ``valid`` ones and their counts
+    (``below``, ``above``, and the most extreme values ``min``/``max`` when any was clipped)."""
+    below, above = x < low, x > high
+    if valid is not None:
+        below &= valid
+        above &= valid
+    out = np.clip(x, low, high)
+    counts: dict[str, Any] = {"below": int(below.sum()), "above": int(above.sum())}
+    if counts["below"]:
+        counts["min"] = float(f"{x[below].min():.4g}")  # 4 digits: bookkeeping, not data
+    if counts["above"]:
+        counts["max"] = float(f"{x[above].max():.4g}")
+    return out, below | above, counts
+
+
+def outlier_message(path: str | os.PathLike, what: str, low: float, high: float, counts: Mapping[str, Any]) -> str:
+    """One line for the per-tile warning about clipped values (counts from :func:`clip_outliers`)."""
+    parts = []
+    if counts["below"]:
+        parts.append(f"{counts['below']} below {low:g} (lowest {counts['min']:.4g})")
+    if counts["above"]:
+        parts.append(f"{counts['above']} above {high:g} (highest {counts['max']:.4g})")
+    return (
+        f"{path}: {counts['below'] + counts['above']} {what} value(s) outside [{low:g}, {high:g}] clipped to the "
+        f"range ({', '.join(parts)}) and left out of the mean/std; counted in the cache manifest"
+    )
 
 
 # ------------------------------------------------------------------------------------------ crop sizes
-def check_crop_size(crop_size: int, what: str = "crop_size") -> int:
-    """``crop_size`` as an int, or a ValueError suggesting the nearest multiple of 32."""
+def check_crop_size(crop_size: int, what: str = "dataset.size") -> int:
+    """``crop_size`` as an int, or a ValueError suggesting the nearest multiple of 32 for the option
+    ``what`` (the command-line key the user sets: the datasets' ``crop_size`` is ``dataset.size``)."""
     size = int(crop_size)
     if size < CROP_MULTIPLE or size % CROP_MULTIPLE:
         nearest = max(CROP_MULTIPLE, round(size / CROP_MULTIPLE) * CROP_MULTIPLE)
@@ -109,7 +234,9 @@ def grid_windows(shapes: Mapping[str, Sequence[int]], crop: int, stride: int | N
     their ``own`` regions partition it exactly."""
     stride = crop if stride is None else int(stride)
     if not 0 < stride <= crop:
-        raise ValueError(f"stride={stride} must be in [1, crop_size={crop}] or the grid would leave gaps")
+        raise ValueError(
+            f"dataset.builder.stride={stride} must be in [1, dataset.size={crop}] or the grid would leave gaps"
+        )
     out = []
     for tile, (h, w) in shapes.items():
         ys, xs = grid_starts(h, crop, stride), grid_starts(w, crop, stride)
@@ -156,42 +283,80 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def cache_lock_path(cache_dir: str | os.PathLike) -> Path:
+    """The preparation lock of a cache: a sibling file (the cache folder itself is replaced as a whole)."""
+    cache_dir = Path(cache_dir)
+    return cache_dir.with_name(f".{cache_dir.name}.lock")
+
+
 def default_cache_dir(root: str | os.PathLike, dataset: str) -> Path:
     return Path(root) / ".sgma_cache" / f"{dataset}-v{CACHE_VERSION}"
 
 
 # ------------------------------------------------------------------------------------------ statistics
+def _bin_values(dtype: np.dtype) -> np.ndarray:
+    """The value of every histogram bin: 256 for uint8, one per float16 bit pattern (65536)."""
+    if dtype == np.uint8:
+        return np.arange(256, dtype=np.float64)
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+
+
 class _ChannelStats:
-    """Streaming per-channel mean/std over many tiles (exact histograms for uint8, float64 sums else)."""
+    """Per-channel mean/std over many tiles from EXACT value histograms (the cache stores only uint8 and
+    float16, so one bin per possible value), leaving out the pixels a loader flags as not measured.
+
+    Why: the statistics normalise every tile, so a few extreme values must not move them. Pixels a loader
+    filled (no-data, NaN) or clipped (heights outside :data:`HEIGHT_RANGE`, values beyond float16) are
+    excluded, so one 1e30 patch no longer turns a 3.4 m height std into thousands of metres; values inside
+    the range are real measurements and count exactly (no trimming, so clean data keep their exact moments).
+    """
 
     def __init__(self) -> None:
-        self.count = 0
-        self.sum: np.ndarray | None = None
-        self.sumsq: np.ndarray | None = None
+        self.hist: np.ndarray | None = None  # (C, bins) int64
+        self.dtype: np.dtype | None = None
+        self.excluded = 0
 
-    def update(self, array: np.ndarray) -> None:
-        c = array.shape[0]
-        if self.sum is None:
-            self.sum, self.sumsq = np.zeros(c), np.zeros(c)
-        for i in range(c):
-            x = array[i]
-            if x.dtype == np.uint8:
-                hist = np.bincount(x.ravel(), minlength=256).astype(np.float64)
-                v = np.arange(256, dtype=np.float64)
-                self.sum[i] += hist @ v
-                self.sumsq[i] += hist @ (v * v)
-            else:
-                for rows in range(0, x.shape[0], 1024):  # bounded float64 temporaries on 6000² tiles
-                    chunk = x[rows : rows + 1024].astype(np.float64)
-                    self.sum[i] += chunk.sum()
-                    self.sumsq[i] += np.square(chunk).sum()
-        self.count += int(np.prod(array.shape[1:]))
+    def update(self, array: np.ndarray, exclude: np.ndarray | None = None) -> None:
+        if self.hist is None:
+            self.dtype = array.dtype
+            self.hist = np.zeros((array.shape[0], 256 if array.dtype == np.uint8 else 65536), np.int64)
+        if array.dtype != self.dtype or array.shape[0] != self.hist.shape[0]:
+            raise ValueError(
+                f"a tile has {array.shape[0]} {array.dtype} channel(s), the first had {self.hist.shape[0]} {self.dtype}"
+            )
+        if exclude is not None and exclude.shape != array.shape[1:]:
+            raise ValueError(f"exclude mask {exclude.shape} does not match the array {array.shape[1:]}")
+        bins = self.hist.shape[1]
+        for i in range(array.shape[0]):
+            for rows in range(0, array.shape[1], 1024):  # bounded temporaries on 6000² tiles
+                codes = array[i, rows : rows + 1024]
+                codes = codes.view(np.uint16) if codes.dtype == np.float16 else codes
+                if exclude is not None:
+                    codes = codes[~exclude[rows : rows + 1024]]
+                self.hist[i] += np.bincount(codes.ravel(), minlength=bins)
+        if exclude is not None:
+            self.excluded += int(exclude.sum())
 
-    def result(self) -> dict[str, list[float]]:
-        mean = self.sum / self.count
-        std = np.sqrt(np.maximum(self.sumsq / self.count - mean * mean, 0))
+    def result(self, name: str = "") -> dict[str, Any]:
+        values = _bin_values(self.dtype)
+        finite = np.isfinite(values)
+        if self.hist[:, ~finite].any():
+            raise ValueError(f"{name}: NaN/inf values reached the cache; the loader must fill them")
+        hist = self.hist[:, finite].astype(np.float64)
+        values = values[finite]
+        count = hist.sum(axis=1)
+        if not count.all():
+            raise ValueError(f"{name}: every train pixel is no-data or out of range; no mean/std can be measured")
+        mean = hist @ values / count
+        var = (hist * np.square(values[None] - mean[:, None])).sum(axis=1) / count  # two-pass: no cancellation
+        std = np.sqrt(var)
         std = np.where(std > 1e-6, std, 1.0)  # a constant channel: keep (x-mean)/std finite
-        return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+        return {
+            "mean": [round(float(m), 6) for m in mean],
+            "std": [round(float(s), 6) for s in std],
+            "pixels": int(count[0]),
+            "excluded": self.excluded,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -203,8 +368,40 @@ def _progress(items: Sequence[str], desc: str):
     return tqdm(items, desc=desc, unit="tile", leave=False)
 
 
+def npy_problem(path: Path, shape: Sequence[int], dtype: str) -> str | None:
+    """Why the ``.npy`` at ``path`` is not the array the manifest describes (None: it is): missing,
+    unreadable, another shape or dtype in its header, or a size that does not match the header (truncated)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            file_shape, _, file_dtype = read(f)
+            needed = f.tell() + int(np.prod(file_shape, dtype=np.int64)) * file_dtype.itemsize
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as err:
+        return f"is unreadable ({type(err).__name__}: {err})"
+    if list(file_shape) != list(shape):
+        return f"has shape {list(file_shape)} but the manifest says {list(shape)}"
+    if str(file_dtype) != dtype:
+        return f"has dtype {file_dtype} but the manifest says {dtype}"
+    if size != needed:
+        return f"is {size} bytes but its header needs {needed} ({'truncated' if size < needed else 'extra bytes'})"
+    return None
+
+
+# cache folder -> (inode, mtime) of the manifest whose arrays this process has verified: the train, val and
+# test datasets of one run open the same cache, and reading every header again costs ~60 us per array
+_VERIFIED: dict[str, tuple[int, int]] = {}
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 class TileCache:
-    """A prepared, memory-mapped tile cache (see the module docstring for the format).
+    """A prepared, memory-mapped tile cache (see the module docstring for the format and the locking).
 
     ``sources`` maps tile -> {role: path} (every file the tile's content depends on), ``splits`` maps split
     -> tile ids, ``options`` are the settings that change the content (a different value rebuilds), and
@@ -232,19 +429,28 @@ class TileCache:
         self.manifest: dict[str, Any] | None = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
+    @property
+    def lock_path(self) -> Path:
+        return cache_lock_path(self.dir)
+
     # -- validity -------------------------------------------------------------------------------------
     def _expected_sources(self) -> dict[str, dict[str, dict[str, Any]]]:
         return {t: {k: fingerprint(p) for k, p in files.items()} for t, files in self.sources.items()}
 
     def stale_reason(self) -> str | None:
-        """Why the on-disk cache cannot be used (None: it is valid and loaded into ``self.manifest``)."""
+        """Why the on-disk cache cannot be used (None: it is valid and loaded into ``self.manifest``).
+
+        Every array file is checked against the manifest (header shape and dtype, file size), so a cache
+        damaged by a crash or a full disk is rebuilt when opened instead of failing mid-training.
+        """
         path = self.dir / MANIFEST
         if not path.is_file():
             return "no cache yet" if not self.dir.exists() else f"{path} is missing"
         try:
+            st = path.stat()
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            return f"unreadable manifest ({err})"
+            return f"unreadable manifest ({type(err).__name__}: {err})"
         if manifest.get("version") != CACHE_VERSION:
             return f"cache format version {manifest.get('version')} != {CACHE_VERSION}"
         if manifest.get("dataset") != self.dataset:
@@ -265,32 +471,142 @@ class TileCache:
                 if manifest.get("sources", {}).get(t, {}).get(k) != fp
             )
             return f"source files changed: {', '.join(changed[:5]) or 'tile set'}"
-        for tile, entry in manifest.get("tiles", {}).items():
-            for key, arr in entry["arrays"].items():
-                if not (self.dir / arr["file"]).is_file():
-                    return f"array file {tile}/{key} is missing"
+        if _VERIFIED.get(str(self.dir)) != (st.st_ino, st.st_mtime_ns):
+            try:
+                for entry in manifest["tiles"].values():
+                    for arr in entry["arrays"].values():
+                        problem = npy_problem(self.dir / arr["file"], arr["shape"], arr["dtype"])
+                        if problem:
+                            return f"array file {arr['file']} {problem}"
+            except (KeyError, TypeError, AttributeError) as err:
+                return f"malformed manifest ({type(err).__name__}: {err})"
+            _VERIFIED[str(self.dir)] = (st.st_ino, st.st_mtime_ns)
         self.manifest = manifest
         return None
 
-    def open_or_prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool = True) -> dict:
-        """Use the cache if valid, else (re)build it atomically; return the manifest."""
-        reason = self.stale_reason()
-        if reason is None:
+    def open_or_prepare(
+        self,
+        load_tile: Callable[[str], PreparedTile],
+        *,
+        progress: bool = True,
+        before_prepare: Callable[[], None] | None = None,
+    ) -> dict:
+        """Use the cache if valid, else (re)build it under the lock and return the manifest.
+
+        ``before_prepare`` (e.g. checking every source's size) runs only when this process prepares. A
+        process that finds another one preparing waits for the lock, then opens what that one built.
+        """
+        if self.stale_reason() is None:
+            if self._orphans():
+                self._remove_orphans_if_free()
             return self.manifest
-        if self.dir.exists():
-            log.info("rebuilding the %s tile cache %s: %s", self.dataset, self.dir, reason)
-        return self.prepare(load_tile, progress=progress)
+        with self._locked():
+            self._remove_orphans()
+            reason = self.stale_reason()  # again: another process may have prepared it while we waited
+            if reason is None:
+                log.info("using the %s tile cache %s (prepared by another process)", self.dataset, self.dir)
+                return self.manifest
+            if reason == "no cache yet":
+                log.info("preparing the %s tile cache in %s (first use)", self.dataset, self.dir)
+                self._note_old_versions()
+            else:
+                log.warning("rebuilding the %s tile cache %s: %s", self.dataset, self.dir, reason)
+            if before_prepare is not None:
+                before_prepare()
+            return self._prepare(load_tile, progress=progress)
+
+    # -- locking and leftovers ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        parent = self.dir.parent
+        lock = FileLock(str(self.lock_path))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info(
+                    "another process is preparing the %s tile cache %s; waiting for it (lock %s)",
+                    self.dataset,
+                    self.dir,
+                    self.lock_path,
+                )
+                lock.acquire()
+        except OSError as err:
+            raise TilePreparationError(
+                f"cannot create the {self.dataset} tile cache under {parent} ({type(err).__name__}: {err}); set "
+                f"dataset.builder.cache_dir=<a writable folder> (the data root may be read-only)"
+            ) from err
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _orphans(self) -> list[Path]:
+        """Temporary and moved-aside folders of this cache (left by killed preparations if nobody prepares)."""
+        parent = self.dir.parent
+        prefixes = (f".{self.dir.name}.tmp-", f".{self.dir.name}.old-")
+        if not parent.is_dir():
+            return []
+        return sorted(p for p in parent.iterdir() if p.name.startswith(prefixes))
+
+    def _remove_orphans(self) -> None:
+        """Remove the leftovers of killed preparations; the caller holds the lock, so none is in use."""
+        for path in self._orphans():
+            size = _tree_size(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as err:  # a leftover we cannot delete must not stop training: say so and go on
+                log.warning("cannot remove %s, left by an interrupted cache preparation: %s", path, err)
+                continue
+            log.warning(
+                "removed %s (%.1f MB), left by an interrupted preparation of the %s tile cache",
+                path,
+                size / 1e6,
+                self.dataset,
+            )
+
+    def _remove_orphans_if_free(self) -> None:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):  # busy (its holder cleans up) or a read-only cache: leave them
+            return
+        try:
+            self._remove_orphans()
+        finally:
+            lock.release()
+
+    def _note_old_versions(self) -> None:
+        suffix = f"-v{CACHE_VERSION}"
+        if not self.dir.name.endswith(suffix) or not self.dir.parent.is_dir():
+            return
+        stem = self.dir.name[: -len(suffix)]
+        for old in sorted(self.dir.parent.glob(f"{stem}-v*")):
+            if old != self.dir and old.name[len(stem) + 2 :].isdigit():
+                log.info("%s is a cache of another format version, unused by this version: delete it to free disk", old)
 
     # -- preparation ----------------------------------------------------------------------------------
     def prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool = True) -> dict:
+        """(Re)build the cache unconditionally, under the lock."""
+        with self._locked():
+            self._remove_orphans()
+            return self._prepare(load_tile, progress=progress)
+
+    def _prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool) -> dict:
+        """Build the cache in a temporary sibling and install it; the caller holds the lock."""
         parent = self.dir.parent
+        tmp = parent / f".{self.dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.tmp-", dir=parent))
+            tmp.mkdir()  # not tempfile.mkdtemp: its 0o700 would make the cache private whatever the umask
         except OSError as err:
             raise TilePreparationError(
-                f"cannot create the {self.dataset} tile cache under {parent} ({err}); pass cache_dir=<a writable "
-                f"folder> (the data root may be read-only)"
+                f"cannot create the {self.dataset} tile cache under {parent} ({type(err).__name__}: {err}); set "
+                f"dataset.builder.cache_dir=<a writable folder> (the data root may be read-only)"
             ) from err
         tile, key = None, None
         try:
@@ -312,6 +628,8 @@ class TileCache:
                 for key, array in prepared.arrays.items():
                     if array.dtype not in STORAGE_DTYPES:
                         raise TypeError(f"{key} has dtype {array.dtype}; the cache stores uint8 or float16")
+                    if array.dtype == np.float16 and not np.isfinite(array).all():
+                        raise ValueError(f"{key} holds NaN/inf; the loader must fill no-data before caching")
                     if shape is None:
                         shape = array.shape[-2:]
                     elif array.shape[-2:] != shape:
@@ -324,7 +642,7 @@ class TileCache:
                 tiles_meta[tile] = entry
                 if tile in self.splits.get(self.stats_split, ()):
                     for k in self.stat_keys:
-                        stats[k].update(prepared.arrays[k])
+                        stats[k].update(prepared.arrays[k], prepared.exclude.get(k))
                 del prepared
             splits = {s: [t for t in tiles if t in tiles_meta] for s, tiles in self.splits.items()}
             if self.stat_keys and not splits.get(self.stats_split):
@@ -341,11 +659,19 @@ class TileCache:
                 "skipped": skipped,
                 "sources": sources,
                 "tiles": tiles_meta,
-                "stats": {"split": self.stats_split, "modalities": {k: s.result() for k, s in stats.items()}},
+                "stats": {"split": self.stats_split, "modalities": {k: s.result(k) for k, s in stats.items()}},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             self._install(tmp)
         except BaseException as err:
+            hint = ""
+            if isinstance(err, OSError) and key:  # numpy reports a full disk as a short write, without ENOSPC
+                with contextlib.suppress(OSError):
+                    free = shutil.disk_usage(parent).free  # before the partial cache is removed
+                    hint = (
+                        f" The disk of {parent} had {free / 1e6:.1f} MB free: if it is full, free space or set "
+                        f"dataset.builder.cache_dir=<a folder with room>."
+                    )
             shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(err, Exception):  # KeyboardInterrupt / SystemExit: clean up, keep as is
                 raise
@@ -354,36 +680,36 @@ class TileCache:
                 where += f" (writing {key})"
             raise TilePreparationError(
                 f"preparing the {self.dataset} tile cache failed at {where}: {type(err).__name__}: {err}. "
-                f"The partial cache was removed; nothing was written to {self.dir}."
+                f"The partial cache was removed; nothing was written to {self.dir}.{hint}"
             ) from err
         self.manifest = manifest
         self._arrays.clear()
+        log.info("prepared the %s tile cache %s (%d tiles)", self.dataset, self.dir, len(tiles_meta))
         return manifest
 
     def _install(self, tmp: Path) -> None:
-        """Atomically put ``tmp`` in place of the cache (an old, stale cache is moved aside first)."""
+        """Put ``tmp`` in place of the cache (a stale cache is moved aside first, then deleted); the caller
+        holds the lock, so nobody else installs in between."""
         old = None
         if self.dir.exists():
-            old = self.dir.with_name(f".{self.dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            old = self.dir.with_name(f".{self.dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(self.dir, old)
-        try:
-            os.replace(tmp, self.dir)
-        except OSError:
-            # another process (a DDP rank) installed a cache in between: keep theirs if it is valid
-            if self.stale_reason() is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, self.dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # a leftover is an orphan: removed by the next preparation
 
     # -- reading --------------------------------------------------------------------------------------
     def array(self, tile: str, key: str) -> np.ndarray:
         """The memory-mapped array of one tile and key (opened lazily, once per process)."""
         if (tile, key) not in self._arrays:
             file = self.dir / self.manifest["tiles"][tile]["arrays"][key]["file"]
-            self._arrays[tile, key] = np.load(file, mmap_mode="r")
+            try:
+                self._arrays[tile, key] = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as err:  # damaged after it was opened and checked
+                raise OSError(
+                    f"cannot memory-map {file} of the {self.dataset} tile cache ({type(err).__name__}: {err}); the "
+                    f"cache was damaged after it was checked: rerun, it is verified and rebuilt when opened"
+                ) from err
         return self._arrays[tile, key]
 
     def shapes(self, split: str) -> dict[str, tuple[int, int]]:
@@ -438,7 +764,7 @@ class TileCropDataset:
                 int(num_samples) if num_samples is not None else default_num_samples(self.shapes, self.crop_size)
             )
             if self.num_samples < 1:
-                raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+                raise ValueError(f"dataset.splits.{split}.num_samples must be >= 1 (or null), got {num_samples}")
             self.windows: list[Window] | None = None
         else:
             self.windows = grid_windows(self.shapes, self.crop_size, stride)
@@ -486,11 +812,14 @@ class CachedCropDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def _prepare_cache(self, sources: Mapping[str, dict[str, Path]], load: Callable, *, progress: bool) -> None:
-        """(Re)build the cache when it is stale, checking every image's source sizes first."""
-        if self.cache.stale_reason() is not None:
+        """Open the cache, or (re)build it when it is stale after checking every image's source sizes (once,
+        under the cache's lock: concurrent processes and DDP ranks wait and then open it)."""
+
+        def check_all() -> None:
             for key, files in sources.items():
                 self._check_sizes(key, files)
-            self.cache.prepare(load, progress=progress)
+
+        self.cache.open_or_prepare(load, progress=progress, before_prepare=check_all)
 
     def _serve_crops(self, names: Sequence[str], *, num_samples, stride, seed: int, **options) -> TileCropDataset:
         """Random crops for training, a deterministic grid for val/test."""
