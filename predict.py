@@ -1,4 +1,7 @@
-"""Label map of one input: ``python predict.py ckpt_path=PATH input=FOLDER [pattern=rgb+dsm] [robustness=true]``."""
+"""Label map of one input folder.
+
+``python predict.py ckpt_path=PATH input=FOLDER [pattern=rgb+dsm] [robustness=true] [overwrite=true]``
+"""
 
 import hydra
 from omegaconf import DictConfig

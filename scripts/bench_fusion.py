@@ -107,7 +107,7 @@ def build_model(fusion: str, backbone: str, sgf_options: dict, seed: int = 0) ->
         backbone=backbone,
         pretrained=False,
         fusion=fusion,
-        fusion_options=sgf_options if fusion == "sgf" else None,
+        fusion_options={"sgf": sgf_options},
     )
 
 

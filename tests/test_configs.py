@@ -18,7 +18,8 @@ from sgma.data.fake import (
     make_fake_potsdam,
     make_fake_vaihingen,
 )
-from sgma.tasks import build_datamodule, build_module
+from sgma.models.fusion import ConcatFusion
+from sgma.tasks import build_datamodule, build_module, train
 from sgma.utils import instantiate, instantiate_dict
 
 # real-layout fake data for the datasets that read files
@@ -144,3 +145,30 @@ def test_vaihingen_patterns(pattern, tmp_path):
     )
     dm, *_ = _build(cfg, tmp_path)
     assert [m.name for m in dm.modalities] == ["irrg", "dsm"] and len(dm.patterns) == 3
+
+
+@pytest.mark.parametrize("model", ["sgma", "sgf_only"])
+def test_other_fusion_on_an_sgf_preset(model, tmp_path):
+    """`model.fusion=concat` on a preset with SGF options (it used to fail: TypeError on embed_dim)."""
+    cfg = compose_config("train", ["debug=tiny", f"model={model}", "model.fusion=concat"])
+    _, module, *_ = _build(cfg, tmp_path)
+    assert all(isinstance(f, ConcatFusion) for f in module.net.fusion)
+
+
+def test_fusion_options_by_fusion_name(tmp_path):
+    cfg = compose_config(
+        "train", ["debug=tiny", "model=baseline", "model.fusion=sgf", "model.fusion_options.sgf.num_heads=2"]
+    )
+    _, module, *_ = _build(cfg, tmp_path)
+    assert [f.num_heads for f in module.net.fusion] == [2] * 4
+    cfg = compose_config("train", ["debug=tiny", "model=sgma", "+model.fusion_options.sgf.heads=2"])
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.sgf\.heads: .*no such option"):
+        _build(cfg, tmp_path)
+
+
+def test_debug_fdr_runs(tmp_path):
+    """debug=fdr has no logger, so it drops the lr monitor (which refuses a trainer without a logger)."""
+    cfg = bind_to(compose_config("train", ["debug=fdr", "dataset.size=64", "model.decoder_channels=32"]), tmp_path)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].fast_dev_run and "test/avg/miou" in metrics
+    assert cfg.logger is None and cfg.callbacks.lr_monitor is None

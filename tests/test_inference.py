@@ -286,5 +286,166 @@ def test_predict_without_the_training_data(tmp_path):
         result = predict(_predict_cfg(ckpt, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm", "robustness=true"))
     assert result["pattern"] == "rgb+dsm" and (tmp_path / "out" / "prediction.tif").is_file()
     assert (tmp_path / "out" / "robustness.tif").is_file()  # SGF writes its maps
-    stored = torch.load(ckpt, map_location="cpu", weights_only=False)["sgma"]["dataset"]
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["sgma"]["dataset"]
     assert [tuple(m["mean"]) for m in stored["modalities"]] == expected_stats
+
+
+# ------------------------------------------------------------------------------ bad input, safe outputs
+@pytest.fixture(scope="module")
+def trained_sgma(tmp_path_factory):
+    """last.ckpt of a tiny SGMA run on synthetic scenes: its fusion writes robustness maps."""
+    run = tmp_path_factory.mktemp("sgma")
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
+    from sgma.tasks import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _write_tiff(path, array, *, georeferenced=True, nodata=None):
+    """A GeoTIFF, or a plain TIFF without CRS (predict then writes PNGs)."""
+    import rasterio
+
+    if georeferenced:
+        write_geotiff(path, array, origin=(366000.0, 5808000.0), nodata=nodata)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "height": array.shape[1], "width": array.shape[2], "count": array.shape[0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotGeoreferencedWarning: intended
+        with rasterio.open(path, "w", **profile, dtype=array.dtype.name, nodata=nodata) as dst:
+            dst.write(array)
+
+
+def _bad_scene(folder, georeferenced=True):
+    """rgb (uint8, nodata 0 at 6 px) and dsm (float32: 200 NaN, 1 inf, 50 px of its nodata -9999); the mask."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(1, 255, (3, 90, 100), dtype=np.uint8)
+    rgb[:, 0:2, 0:3] = 0
+    dsm = rng.normal(10.0, 3.0, (1, 90, 100)).astype(np.float32)
+    dsm[0, 10:20, 10:30] = np.nan
+    dsm[0, 50, 50] = np.inf
+    dsm[0, 70:75, 80:90] = -9999.0
+    _write_tiff(folder / "rgb.tif", rgb, georeferenced=georeferenced, nodata=0)
+    _write_tiff(folder / "dsm.tif", dsm, georeferenced=georeferenced, nodata=-9999.0)
+    invalid = np.zeros((90, 100), bool)
+    invalid[0:2, 0:3] = invalid[10:20, 10:30] = invalid[70:75, 80:90] = True
+    invalid[50, 50] = True
+    return invalid
+
+
+@pytest.mark.parametrize("georeferenced", [True, False])
+def test_predict_fills_counts_and_marks_nodata(trained_sgma, tmp_path, caplog, georeferenced):
+    """NaN / inf / nodata in the inputs: filled, counted per modality in one warning, nodata in every output."""
+    import rasterio
+    from PIL import Image
+
+    invalid = _bad_scene(tmp_path / "in", georeferenced)
+    out = tmp_path / "out"
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="sgma"):
+        warnings.simplefilter("ignore")
+        result = predict(_predict_cfg(trained_sgma, tmp_path / "in", out, "pattern=rgb+dsm", "robustness=true"))
+    classes = result["classes"]
+    assert (classes[invalid] == 255).all() and (classes[~invalid] < 6).all()
+    assert result["nodata_pixels"] == int(invalid.sum()) == 257
+    assert result["invalid_counts"] == {
+        "rgb": {"nan": 0, "inf": 0, "nodata": 6, "pixels": 6},
+        "dsm": {"nan": 200, "inf": 1, "nodata": 50, "pixels": 251},
+    }
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert "rgb: 6 no-data" in warned[0] and "dsm: 200 NaN, 1 inf, 50 no-data" in warned[0]
+    assert "257 pixel(s) are marked nodata" in warned[0]
+    if georeferenced:
+        with rasterio.open(out / "prediction.tif") as src:
+            assert src.count == 3 and (src.dataset_mask() == 0).tolist() == invalid.tolist()
+        with rasterio.open(out / "robustness.tif") as src:
+            maps = src.read()
+            assert src.nodata == -1.0 and [src.descriptions[i] for i in range(2)] == ["rgb", "dsm"]
+        assert np.isfinite(maps).all() and (maps[:, invalid] == -1).all()
+        assert (maps[:, ~invalid] >= 0).all() and np.allclose(maps[:, ~invalid].sum(axis=0), 1, atol=1e-4)
+    else:
+        image = np.asarray(Image.open(out / "prediction.png"))
+        assert image.shape == (90, 100, 4) and ((image[..., 3] == 0) == invalid).all()
+        rob = np.asarray(Image.open(out / "robustness_dsm.png"))
+        assert rob.shape == (90, 100, 2) and ((rob[..., 1] == 0) == invalid).all()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_predict_refuses_a_modality_without_data(trained_sgma, tmp_path):
+    rng = np.random.default_rng(0)
+    write_geotiff(tmp_path / "in" / "rgb.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    write_geotiff(tmp_path / "in" / "dsm.tif", np.full((1, 64, 64), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"'dsm' has no valid pixel .*pattern=rgb"):
+        predict(_predict_cfg(trained_sgma, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm"))
+
+
+def test_predict_outputs_are_whole_or_absent(trained_sgma, tmp_path, monkeypatch):
+    """No overwrite without overwrite=true; a write that fails midway leaves the earlier outputs as they were."""
+    import sgma.inference as inference
+
+    rgb, dsm = _scene()
+    write_geotiff(tmp_path / "in" / "rgb.tif", rgb, origin=(366000.0, 5808000.0))
+    write_geotiff(tmp_path / "in" / "dsm.tif", dsm, origin=(366000.0, 5808000.0))
+    out = tmp_path / "out"
+    args = ("pattern=rgb+dsm", "robustness=true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args))
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert set(before) == {"prediction.tif", "robustness.tif"}
+
+        with pytest.raises(FileExistsError, match=r"prediction.tif, robustness.tif .*overwrite=true"):
+            predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args))
+
+        real_write = inference.write_raster
+
+        def disk_full_on_robustness(path, array, geo, **kwargs):
+            written = real_write(path, array, geo, **kwargs)
+            if path.name == "robustness":  # half the file is on disk when the disk fills up
+                written.write_bytes(written.read_bytes()[: written.stat().st_size // 2])
+                raise OSError(28, "No space left on device")
+            return written
+
+        monkeypatch.setattr(inference, "write_raster", disk_full_on_robustness)
+        with pytest.raises(OSError, match="No space left"):
+            predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args, "overwrite=true"))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no staging folder left
+        monkeypatch.undo()
+
+        rgb[:, :10] = 0  # a different scene: overwrite=true replaces both files
+        write_geotiff(tmp_path / "in" / "rgb.tif", rgb, origin=(366000.0, 5808000.0))
+        predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args, "overwrite=true"))
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before) and after["prediction.tif"] != before["prediction.tif"]
+
+
+def test_input_rasters_say_what_they_are(tmp_path):
+    from PIL import Image
+
+    from sgma.inference import find_modality_files, read_input_raster
+
+    with pytest.raises(FileNotFoundError, match=r"input=.* does not exist"):
+        find_modality_files(tmp_path / "nowhere", ["rgb"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"input=.* is a file"):
+        find_modality_files(tmp_path / "file", ["rgb"])
+    (tmp_path / "dsm.tif").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"dsm.tif' is a folder"):
+        read_input_raster(tmp_path / "dsm.tif")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(OSError, match="is empty"):
+        read_input_raster(tmp_path / "empty.tif")
+    rgb, _ = _scene(300, 300)
+    Image.fromarray(rgb.transpose(1, 2, 0), "RGB").save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])  # GDAL alone reads the missing half as zeros
+    with pytest.raises(OSError, match=r"half.png' is truncated or corrupt"):
+        read_input_raster(tmp_path / "half.png")
+    write_geotiff(tmp_path / "whole.tif", rgb)
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "half.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"half.tif': it is truncated, corrupt"):
+        read_input_raster(tmp_path / "half.tif")

@@ -85,7 +85,7 @@ def test_eval_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(RuntimeError, match="no stored sgma config"):
         evaluate(bind_to(compose_config("eval", [f"ckpt_path={foreign}"]), tmp_path))
-    with pytest.raises(FileNotFoundError, match="it is a folder"):
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
         evaluate(bind_to(compose_config("eval", [f"ckpt_path={tmp_path}"]), tmp_path))
 
 

@@ -11,11 +11,22 @@ Inputs follow :class:`~sgma.data.datamodule.IncompleteModalityDataset`: ``(x - m
 and zeros for a missing modality (:func:`normalise_inputs`).
 
 Also here: :func:`evaluate_full_tiles` (``eval.py eval.full_tile=true``) and the raster I/O of ``predict.py``.
+
+``predict.py`` and bad input: NaN, inf and a raster's declared nodata value are filled with the modality's mean
+(0 after normalisation, the value the model sees most often), counted per modality in one warning, and the
+pixels they touch are marked nodata in every output (class 255 / a GDAL mask in ``prediction.tif``,
+transparent in PNGs, -1 in ``robustness.tif``). Outputs are written into a hidden staging folder inside the
+output folder and renamed into place at the end, so a crash never leaves a truncated file under a final name;
+the output folder is checked (creatable, writable, no earlier outputs unless ``overwrite=true``) before the
+inference runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +46,8 @@ log = logging.getLogger("sgma")
 BLENDS = ("mean", "gaussian")
 GAUSSIAN_SIGMA = 1 / 6  # sigma of the blending window as a fraction of its side (border weight ~ 1 %)
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+NODATA_CLASS = 255  # class id of a pixel without a prediction (also the ignore index of the labels)
+ROBUSTNESS_NODATA = -1.0  # robustness maps are in [0, 1]: -1 is never a real value
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -269,13 +282,21 @@ def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, P
     """``<folder>/<name>.{tif,tiff,png,jpg,jpeg}`` for each name; errors name what is missing or ambiguous."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        hint = " (a file: input must be a folder holding one raster per modality, named <modality>.tif)"
-        raise FileNotFoundError(f"input={str(folder)!r} is not a folder{hint if folder.exists() else ''}")
+        if folder.exists():
+            raise NotADirectoryError(
+                f"input={str(folder)!r} is a file: input must be a folder holding one raster per modality, named "
+                f"<modality>.tif (or .png / .jpg)"
+            )
+        raise FileNotFoundError(f"input={str(folder)!r} does not exist: point input= at a folder of rasters")
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError:
+        raise PermissionError(f"input={str(folder)!r} is not readable (permission denied)") from None
     out = {}
     for name in names:
-        found = [p for p in sorted(folder.iterdir()) if p.stem == name and p.suffix.lower() in RASTER_SUFFIXES]
+        found = [p for p in entries if p.stem == name and p.suffix.lower() in RASTER_SUFFIXES]
         if not found:
-            have = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in RASTER_SUFFIXES)
+            have = sorted(p.name for p in entries if p.suffix.lower() in RASTER_SUFFIXES)
             raise FileNotFoundError(
                 f"input folder {str(folder)!r} has no raster for modality {name!r} (expected {name}.tif, .png or "
                 f".jpg); it holds {have}"
@@ -286,59 +307,173 @@ def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, P
     return out
 
 
-def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """(C, H, W) float32 array and the georeference ({crs, transform}) if the file has one, else None."""
+def _check_raster_file(path: Path) -> None:
+    """Say what an input raster is when it is not a readable file (a folder, unreadable, empty, truncated)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"input raster {str(path)!r} is a folder, not an image: move or rename it")
+    try:
+        with path.open("rb") as f:
+            empty = not f.read(1)
+    except PermissionError:
+        raise PermissionError(
+            f"input raster {str(path)!r} is not readable (permission denied): fix its permissions (chmod u+r)"
+        ) from None
+    if empty:
+        raise OSError(f"input raster {str(path)!r} is empty (0 bytes): was it copied or downloaded completely?")
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        # GDAL reads a truncated PNG/JPEG as zeros with no error: decode it once with Pillow, which notices
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            raise OSError(
+                f"input raster {str(path)!r} is truncated or corrupt ({err}): was it copied or downloaded completely?"
+            ) from None
+
+
+def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None, np.ndarray | None]:
+    """(C, H, W) float32 array, the georeference ({crs, transform}) or None, and the nodata mask or None.
+
+    The mask is (C, H, W) bool, True where a band equals the nodata value the file declares (compared in the
+    file's own dtype, before the cast to float32); None when the file declares none.
+    """
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
+    _check_raster_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                array = src.read().astype(np.float32)
+                array = src.read()
                 geo = {"crs": src.crs, "transform": src.transform} if src.crs is not None else None
+                nodata = list(src.nodatavals)
     except rasterio.errors.RasterioError as err:
-        raise OSError(f"cannot read raster {str(path)!r}: {err}") from err
-    return array, geo
+        raise OSError(
+            f"cannot read raster {str(path)!r}: it is truncated, corrupt or not a raster GDAL reads ({err})"
+        ) from err
+    mask = None
+    if any(v is not None and not np.isnan(v) for v in nodata):
+        mask = np.zeros(array.shape, dtype=bool)
+        for band, value in enumerate(nodata):
+            if value is not None and not np.isnan(value):
+                mask[band] = array[band] == np.asarray(value).astype(array.dtype)
+    with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf: counted as such
+        return array.astype(np.float32), geo, mask
 
 
 def read_inputs(
     folder: str | Path, modalities: Sequence[Modality]
-) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
-    """Read one raster per modality; check band counts and that all sizes agree; keep the first georeference."""
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, dict[str, np.ndarray | None]]:
+    """Read one raster per modality; check band counts and that all sizes agree; keep the first georeference.
+
+    Returns the float32 arrays, the georeference and each modality's nodata mask (see :func:`read_input_raster`).
+    """
     files = find_modality_files(folder, [m.name for m in modalities])
-    arrays, geo, sizes = {}, None, {}
+    arrays, geo, sizes, masks = {}, None, {}, {}
     for m in modalities:
-        array, g = read_input_raster(files[m.name])
+        array, g, mask = read_input_raster(files[m.name])
         if array.shape[0] != m.channels:
             raise ValueError(
                 f"{str(files[m.name])!r} has {array.shape[0]} band(s) but modality {m.name!r} has {m.channels}"
             )
-        arrays[m.name] = array
+        arrays[m.name], masks[m.name] = array, mask
         sizes[files[m.name].name] = tuple(array.shape[1:])
         geo = geo or g
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n}: {h}x{w}" for n, (h, w) in sizes.items())
         raise ValueError(f"input rasters have different sizes ({listed}); every modality must cover the same grid")
-    return arrays, geo
+    return arrays, geo, masks
+
+
+def fill_invalid(
+    raw: Mapping[str, np.ndarray],
+    modalities: Sequence[Modality],
+    nodata_masks: Mapping[str, np.ndarray | None] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, dict[str, int]]]:
+    """Fill NaN, inf and nodata values with the modality's per-channel mean (0 after normalisation).
+
+    Returns the filled (C, H, W) float32 arrays (copies only where something was filled), the (H, W) mask of
+    pixels where any band of any modality was invalid (None if none was), and per-modality pixel counts
+    ``{"nan", "inf", "nodata", "pixels"}`` (a pixel counts once per kind if any band has it; ``pixels``: any
+    kind) for the modalities that had some.
+    """
+    out: dict[str, np.ndarray] = {}
+    invalid: np.ndarray | None = None
+    counts: dict[str, dict[str, int]] = {}
+    for m in modalities:
+        if m.name not in raw:
+            continue
+        x = np.asarray(raw[m.name], dtype=np.float32)
+        x = x[None] if x.ndim == 2 else x
+        nan, inf = np.isnan(x), np.isinf(x)
+        nodata = (nodata_masks or {}).get(m.name)
+        bad = nan | inf if nodata is None else nan | inf | nodata.reshape(x.shape)
+        if not bad.any():
+            out[m.name] = x
+            continue
+        x = x.copy()
+        for c in range(x.shape[0]):
+            x[c][bad[c]] = m.mean[c]
+        out[m.name] = x
+        pixels = bad.any(axis=0)
+        counts[m.name] = {
+            "nan": int(nan.any(axis=0).sum()),
+            "inf": int(inf.any(axis=0).sum()),
+            "nodata": int(nodata.any(axis=0).sum()) if nodata is not None else 0,
+            "pixels": int(pixels.sum()),
+        }
+        invalid = pixels if invalid is None else invalid | pixels
+    return out, invalid, counts
+
+
+def describe_invalid(counts: Mapping[str, Mapping[str, int]], total: int) -> str:
+    """``dsm: 120 NaN, 4 no-data pixels (1.3 %)`` for each modality with invalid values."""
+    parts = []
+    for name, c in counts.items():
+        kinds = ", ".join(
+            f"{c[k]} {label}" for k, label in (("nan", "NaN"), ("inf", "inf"), ("nodata", "no-data")) if c[k]
+        )
+        parts.append(f"{name}: {kinds} pixel(s) ({100 * c['pixels'] / max(total, 1):.2g} % of the tile)")
+    return "; ".join(parts)
 
 
 def colourise(classes: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """(H, W) class ids -> (3, H, W) uint8 colours (RGB)."""
+    """(H, W) class ids -> (3, H, W) uint8 colours (RGB); ids beyond the palette (nodata, 255) are black."""
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
     return np.ascontiguousarray(lut[classes].transpose(2, 0, 1))
 
 
+def output_names(georeferenced: bool, robustness: Sequence[str] | None) -> list[str]:
+    """File names :func:`predict` writes: the prediction, then the robustness maps (``robustness`` = modalities)."""
+    names = ["prediction.tif" if georeferenced else "prediction.png"]
+    if robustness:
+        names += ["robustness.tif"] if georeferenced else [f"robustness_{m}.png" for m in robustness]
+    return names
+
+
 def write_raster(
-    path: Path, array: np.ndarray, geo: dict[str, Any] | None, *, descriptions: Sequence[str] | None = None
+    path: Path,
+    array: np.ndarray,
+    geo: dict[str, Any] | None,
+    *,
+    descriptions: Sequence[str] | None = None,
+    valid: np.ndarray | None = None,
+    nodata: float | None = None,
 ) -> Path:
     """(C, H, W) -> GeoTIFF with ``geo``'s CRS/transform (``path`` gets .tif), or PNG(s) without ``geo``.
 
     PNG: 3 bands -> one RGB PNG; other band counts -> one 8-bit greyscale PNG per band (float arrays are
     taken as values in [0, 1]), named ``<stem>_<description>.png``. Returns the (first) written path.
+    ``valid`` ((H, W) bool, False = no data) marks pixels without a value: PNGs get an alpha channel (0 there);
+    a GeoTIFF gets ``nodata`` in its profile when given (single-value bands), else an internal GDAL mask (RGB,
+    where no band value is free to mean "nodata"). Writes in place: :func:`predict` stages files and renames.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    masked = valid is not None and not bool(valid.all())
     if geo is not None:
         import rasterio
 
@@ -353,26 +488,115 @@ def write_raster(
             "transform": geo["transform"],
             "compress": "deflate",
         }
-        with rasterio.open(out, "w", **profile) as dst:
+        if nodata is not None:
+            profile["nodata"] = nodata
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(out, "w", **profile) as dst:
             dst.write(array)
             for i, d in enumerate(descriptions or ()):
                 dst.set_band_description(i + 1, d)
+            if masked and nodata is None:
+                dst.write_mask(valid.astype(np.uint8) * 255)
         return out
     from PIL import Image
 
     if array.dtype != np.uint8:
         array = (np.clip(np.nan_to_num(array.astype(np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)
+    alpha = valid.astype(np.uint8) * 255 if masked else None
     if array.shape[0] == 3 and not descriptions:
         out = path.with_suffix(".png")
-        Image.fromarray(array.transpose(1, 2, 0), "RGB").save(out)
+        if alpha is None:
+            Image.fromarray(array.transpose(1, 2, 0), "RGB").save(out)
+        else:
+            Image.fromarray(np.concatenate([array, alpha[None]]).transpose(1, 2, 0), "RGBA").save(out)
         return out
     written = []
     for i in range(array.shape[0]):
         label = descriptions[i] if descriptions else str(i + 1)
         out = path.with_name(f"{path.stem}_{label}.png")
-        Image.fromarray(array[i], "L").save(out)
+        if alpha is None:
+            Image.fromarray(array[i], "L").save(out)
+        else:
+            Image.fromarray(np.stack([array[i], alpha], axis=-1), "LA").save(out)
         written.append(out)
     return written[0]
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def check_output_dir(path: str | Path, *, key: str = "output_dir") -> Path:
+    """Create ``path`` if needed and prove it writable with a probe file, so a bad folder fails in a second."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{key}={str(out)!r} is a file, not a folder: choose another {key}=DIR")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise type(err)(
+            f"{key}={str(out)!r} cannot be created ({err.strerror or err}): choose another {key}=DIR"
+        ) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".predict-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise type(err)(
+            f"{key}={str(out)!r} is not writable ({err.strerror or err}): fix its permissions or choose another "
+            f"{key}=DIR"
+        ) from None
+    return out
+
+
+def check_no_outputs(out: Path, names: Sequence[str], *, overwrite: bool) -> None:
+    """Refuse to replace earlier outputs unless ``overwrite``; a folder in an output's place is always an error."""
+    folders = [n for n in names if (out / n).is_dir()]
+    if folders:
+        raise IsADirectoryError(f"output_dir={str(out)!r} has folder(s) named like outputs: {', '.join(folders)}")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"output_dir={str(out)!r} already holds {', '.join(existing)} (an earlier prediction?): pass "
+            f"overwrite=true to replace them, or choose another output_dir=DIR"
+        )
+
+
+class _Staging:
+    """Outputs written into a hidden folder inside the output folder, then renamed into place together.
+
+    Same filesystem, so each rename is atomic: a crash or a full disk leaves a ``.predict-staging-*`` folder,
+    never a truncated file under an output's name.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.dir = Path(tempfile.mkdtemp(prefix=".predict-staging-", dir=out))
+
+    def commit(self) -> list[Path]:
+        files = sorted(p for p in self.dir.iterdir() if p.is_file())
+        for p in files:  # data on disk before a name points at it
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        final = []
+        for p in files:
+            os.replace(p, self.out / p.name)
+            final.append(self.out / p.name)
+        _fsync_dir(self.out)
+        self.dir.rmdir()
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # best effort: the outputs' names were never touched
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): renames are durable enough there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the renames themselves are done
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -383,7 +607,9 @@ def predict(cfg: Any) -> dict[str, Any]:
     (or .png / .jpg). Outputs go to ``cfg.output_dir`` (default: the run folder): ``prediction.tif`` (RGB
     palette colours, the input's CRS/transform) when an input is georeferenced, else ``prediction.png``;
     with ``robustness=true`` also ``robustness.tif`` (float32, one band per available modality) or
-    ``robustness_<modality>.png`` (8-bit, 255 = 1.0).
+    ``robustness_<modality>.png`` (8-bit, 255 = 1.0). Input pixels with NaN, inf or the raster's nodata value
+    are filled, counted in a warning and marked nodata in every output; ``classes`` has 255 there.
+    Existing outputs are replaced only with ``overwrite=true``.
     """
     from omegaconf import OmegaConf, open_dict
 
@@ -393,6 +619,8 @@ def predict(cfg: Any) -> dict[str, Any]:
 
     if not cfg.get("input"):
         raise ValueError("predict needs input=FOLDER holding one raster per modality (<modality>.tif, .png, .jpg)")
+    out_dir = check_output_dir(cfg.output_dir)  # before anything slow
+    overwrite = bool(cfg.get("overwrite", False))
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
     with open_dict(run_cfg):
@@ -403,17 +631,11 @@ def predict(cfg: Any) -> dict[str, Any]:
         modalities = [
             Modality(m["name"], m["channels"], tuple(m["mean"]), tuple(m["std"])) for m in facts["modalities"]
         ]
-        net = instantiate(run_cfg.model, modalities=modalities, num_classes=len(facts["classes"]))
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net.load_state_dict(state)
         num_classes, palette = len(facts["classes"]), [tuple(c) for c in facts["palette"]]
     else:  # checkpoints written before the facts were stored: read them from the training dataset
         log.info("checkpoint has no dataset facts; reading normalisation and palette from the training dataset")
         dm = build_datamodule(run_cfg)
-        module = build_module(run_cfg, dm)
-        module.load_state_dict(ckpt["state_dict"])
-        net, num_classes, palette = module.net, dm.num_classes, dm.palette
-    modalities = list(net.modalities)
+        modalities, num_classes, palette = list(dm.modalities), dm.num_classes, dm.palette
     names = [m.name for m in modalities]
     spec = cfg.get("pattern") or format_pattern(names)
     try:
@@ -422,11 +644,33 @@ def predict(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"pattern={spec!r} does not fit this model (modalities {', '.join(names)}): {err}") from err
     available = pattern_mask(pattern, modalities)
     present = [m for m, a in zip(modalities, available, strict=True) if a]
-    raw, geo = read_inputs(cfg.input, present)
-    inputs = normalise_inputs(raw, modalities, available)
-    del raw
-    net = net.to(_device(cfg.trainer.accelerator)).eval()
     want = bool(cfg.get("robustness", False))
+    # every check on the inputs and outputs comes before the model is built and run
+    raw, geo, nodata_masks = read_inputs(cfg.input, present)
+    planned = output_names(geo is not None, [m.name for m in present] if want else None)
+    check_no_outputs(out_dir, planned, overwrite=overwrite)
+    raw, invalid, counts = fill_invalid(raw, present, nodata_masks)
+    h, w = next(iter(raw.values())).shape[-2:]
+    for name, c in counts.items():
+        if c["pixels"] == h * w:
+            others = [m.name for m in present if m.name != name]
+            fix = f"pattern={'+'.join(others)}" if others else "another input"
+            raise ValueError(
+                f"input modality {name!r} has no valid pixel (all NaN, inf or no-data): predict with {fix}"
+            )
+
+    if facts:
+        net = instantiate(run_cfg.model, modalities=modalities, num_classes=num_classes)
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        net.load_state_dict(state)
+    else:
+        module = build_module(run_cfg, dm)
+        module.load_state_dict(ckpt["state_dict"])
+        net = module.net
+    del ckpt
+    inputs = normalise_inputs(raw, modalities, available)
+    del raw, nodata_masks
+    net = net.to(_device(cfg.trainer.accelerator)).eval()
     result = sliding_window_logits(
         net,
         inputs,
@@ -440,19 +684,66 @@ def predict(cfg: Any) -> dict[str, Any]:
         modalities=modalities,
     )
     logits, robust = result if want else (result, None)
+    diverged = ~torch.isfinite(logits).all(dim=0).cpu().numpy()  # extreme inputs can overflow inside the net
     classes = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
     del logits
-    out_dir = Path(cfg.output_dir).expanduser()
-    written = {"prediction": write_raster(out_dir / "prediction", colourise(classes, palette), geo)}
-    if cfg.get("robustness"):
-        if robust is None:
+    if diverged.any():
+        invalid = diverged if invalid is None else invalid | diverged
+    if counts or diverged.any():
+        what = [describe_invalid(counts, h * w) + ": filled with the modality's mean"] if counts else []
+        if diverged.any():
+            what.append(f"{int(diverged.sum())} pixel(s) gave non-finite logits (extreme input values?)")
+        log.warning(
+            "input values without data: %s; %d pixel(s) are marked nodata in the outputs (class %d in the class "
+            "map, masked in the rasters)",
+            "; ".join(what),
+            int(invalid.sum()),
+            NODATA_CLASS,
+        )
+    valid = None
+    if invalid is not None:
+        classes[invalid] = NODATA_CLASS
+        valid = ~invalid
+
+    staging = _Staging(out_dir)
+    try:
+        write_raster(staging.dir / "prediction", colourise(classes, palette), geo, valid=valid)
+        if want and robust is None:
             log.warning("fusion=%s produces no robustness maps; none written", run_cfg.model.get("fusion"))
-        else:
+        elif want:
             rows = [i for i, a in enumerate(available) if a]
-            maps = robust[rows].cpu().numpy().astype(np.float32)
-            written["robustness"] = write_raster(
-                out_dir / "robustness", maps, geo, descriptions=[m.name for m in present]
+            maps = np.nan_to_num(robust[rows].cpu().numpy().astype(np.float32), nan=ROBUSTNESS_NODATA)
+            if invalid is not None:
+                maps[:, invalid] = ROBUSTNESS_NODATA
+            write_raster(
+                staging.dir / "robustness",
+                maps,
+                geo,
+                descriptions=[m.name for m in present],
+                valid=valid,
+                nodata=ROBUSTNESS_NODATA if geo is not None else None,
             )
+        files = staging.commit()
+    except Exception as err:  # failed: the staged files go, earlier outputs stay as they were
+        staging.discard()
+        free = shutil.disk_usage(out_dir).free
+        raise OSError(
+            f"writing the outputs to output_dir={str(out_dir)!r} failed ({type(err).__name__}: {err}); "
+            f"{free / 2**20:.1f} MiB free there (a full disk?). No output file was written or replaced"
+        ) from err
+    except BaseException:  # interrupted (Ctrl-C): same clean-up, then stop
+        staging.discard()
+        raise
+    written = {"prediction": out_dir / planned[0]}
+    if len(files) > 1:
+        written["robustness"] = out_dir / planned[1]
     for what, path in written.items():
         log.info("%s written to %s", what, path)
-    return {"pattern": pattern, "classes": classes, "files": written, "georeferenced": geo is not None}
+    return {
+        "pattern": pattern,
+        "classes": classes,
+        "files": written,
+        "georeferenced": geo is not None,
+        "nodata_pixels": 0 if invalid is None else int(invalid.sum()),
+        "invalid_counts": counts,
+    }

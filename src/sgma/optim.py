@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger("sgma")
 
 
 def warmup_poly_factor(step: int, *, total_steps: int, warmup_steps: int, start_factor: float, power: float) -> float:
@@ -15,6 +20,77 @@ def warmup_poly_factor(step: int, *, total_steps: int, warmup_steps: int, start_
     return (1.0 - progress) ** power
 
 
+class WarmupPolyLR(LambdaLR):
+    """:class:`LambdaLR` over :func:`warmup_poly_factor`, stepped per batch, that follows a resumed run's length.
+
+    The schedule's length comes from the run (``trainer.max_epochs`` x batches per epoch). A checkpoint stores
+    the step reached and the optimizer's current lr; resumed with a different ``trainer.max_epochs``, the
+    schedule keeps the new length (the factor is recomputed at each step, never restored) and the lr of the
+    first resumed step is set from it too. Otherwise that step would run at the old schedule's lr: 0 at the end
+    of a finished schedule. The change is logged (old -> new total and warm-up steps, lr).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        total_steps: int,
+        warmup_fraction: float = 0.05,
+        start_factor: float = 0.1,
+        power: float = 0.9,
+    ) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.total_steps = int(total_steps)
+        self.warmup_steps = round(warmup_fraction * total_steps)
+        self.start_factor = float(start_factor)
+        self.power = float(power)
+        # a closure, not a callable object: LambdaLR would store an object's attributes and restore the old length
+        super().__init__(optimizer, lambda step: self.factor(step))
+
+    def factor(self, step: int) -> float:
+        return warmup_poly_factor(
+            step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            start_factor=self.start_factor,
+            power=self.power,
+        )
+
+    # the schedule's shape comes from the run, never from the checkpoint (LambdaLR would restore every attribute)
+    _SHAPE = ("total_steps", "warmup_steps", "start_factor", "power")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["schedule"] = {key: state.pop(key) for key in self._SHAPE}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = {key: value for key, value in state_dict.items() if key not in (*self._SHAPE, "schedule")}
+        old = state_dict.get("schedule") or {}
+        super().load_state_dict(state)
+        # Lightning restores the optimizer (holding the old schedule's lr) before the scheduler: the step about to
+        # run takes its lr from this schedule (bitwise the restored lr when the length did not change)
+        restored = [group["lr"] for group in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if (old.get("total_steps"), old.get("warmup_steps")) != (self.total_steps, self.warmup_steps):
+            log.warning(
+                "resumed with a different schedule length (trainer.max_epochs changed?): total steps %s -> %d, "
+                "warm-up steps %s -> %d; step %d runs at lr %.3g (the old schedule's: %.3g), then the new schedule",
+                old.get("total_steps", "unknown"),
+                self.total_steps,
+                old.get("warmup_steps", "unknown"),
+                self.warmup_steps,
+                self.last_epoch,
+                self._last_lr[0],
+                restored[0],
+            )
+
+
 def warmup_poly(
     optimizer: Optimizer,
     *,
@@ -22,16 +98,8 @@ def warmup_poly(
     warmup_fraction: float = 0.05,
     start_factor: float = 0.1,
     power: float = 0.9,
-) -> LambdaLR:
+) -> WarmupPolyLR:
     """Paper defaults: 10 warm-up epochs of 200 (5 %) from 10 % of the lr, decay power 0.9; stepped per batch."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_fraction < 1:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-    warmup_steps = round(warmup_fraction * total_steps)
-    return LambdaLR(
-        optimizer,
-        lambda step: warmup_poly_factor(
-            step, total_steps=total_steps, warmup_steps=warmup_steps, start_factor=start_factor, power=power
-        ),
+    return WarmupPolyLR(
+        optimizer, total_steps=total_steps, warmup_fraction=warmup_fraction, start_factor=start_factor, power=power
     )

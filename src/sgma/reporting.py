@@ -1,4 +1,4 @@
-"""The pattern table: console rendering and ``patterns.{csv,json,md}`` files written atomically."""
+"""The pattern table: console rendering and ``patterns.{csv,json,md}``, written as one set (all or none)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from sgma.metrics import PatternReport
+from sgma.recovery import fsync_dir, open_new, temporary_sibling
 
 SUMMARY_LABELS = {"avg": "Average", "top1": "Top-1", "last1": "Last-1"}
 
@@ -77,20 +77,34 @@ def to_csv(report: PatternReport) -> str:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a table."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_set(files: dict[Path, str]) -> None:
+    """Write every file to a temporary name in its folder (flushed to disk), then rename them all into place.
+
+    A failure while writing (a full disk, a signal) removes the temporaries and leaves none of the final names
+    touched: the table appears as a whole set of files or not at all, never as a lone ``patterns.csv``.
+    """
+    written: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        for path, text in files.items():
+            tmp = temporary_sibling(path)
+            written.append((tmp, path))
+            with os.fdopen(open_new(tmp), "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in written:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
         raise
+    for folder in {path.parent for path in files}:
+        fsync_dir(folder)
 
 
 def write_report(report: PatternReport, out_dir: str | Path, *, title: str, meta: dict | None = None) -> list[Path]:
-    """Write ``patterns.csv``, ``patterns.json`` and ``patterns.md`` into ``out_dir``; return their paths."""
+    """Write ``patterns.csv``, ``patterns.json`` and ``patterns.md`` into ``out_dir`` as one set; return their
+    paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"title": title, **(meta or {}), **report.to_dict()}
@@ -99,6 +113,5 @@ def write_report(report: PatternReport, out_dir: str | Path, *, title: str, meta
         out / "patterns.json": json.dumps(payload, indent=2, allow_nan=True) + "\n",
         out / "patterns.md": to_markdown(report, title=title),
     }
-    for path, text in files.items():
-        _atomic_write(path, text)
+    _write_set(files)
     return list(files)

@@ -16,12 +16,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sgma
 from sgma.callbacks import RobustnessFeedback
+from sgma.checkpoint import CheckpointError, checkpoint_file, load_checkpoint_safely
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.module import SegmentationModule
+from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
 from sgma.reporting import print_table, write_report
 from sgma.utils import callbacks_and_loggers, instantiate, task_wrapper
 
@@ -103,13 +106,8 @@ class StoreConfig(Callback):
 
 
 def _check_checkpoint_path(path: str | None, *, what: str) -> Path | None:
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_file():
-        hint = " (it is a folder: point at a .ckpt file inside, e.g. checkpoints/last.ckpt)" if p.is_dir() else ""
-        raise FileNotFoundError(f"{what}={str(path)!r}: no such checkpoint file{hint}")
-    return p
+    """None, or ``path`` as a readable file (errors say whether it is missing, a folder or unreadable)."""
+    return None if path is None else checkpoint_file(path, what=what)
 
 
 def _log_hyperparameters(loggers: list, cfg_dict: dict, dm: MultiModalDataModule, module: SegmentationModule) -> None:
@@ -126,36 +124,94 @@ def _report(module: SegmentationModule, split: str, out_dir: Path, *, title: str
     return report.metrics(split)
 
 
+def _check_train_settings(cfg: DictConfig) -> None:
+    """Settings under which train.py would write a table that looks valid but scores untrained weights."""
+    trainer = cfg.trainer
+    if cfg.get("train", True) and (trainer.get("max_epochs") == 0 or trainer.get("max_steps") == 0):
+        key = "trainer.max_epochs" if trainer.get("max_epochs") == 0 else "trainer.max_steps"
+        raise ValueError(
+            f"{key}=0 with train=true trains nothing, and the test table would score untrained weights: set "
+            f"{key} >= 1, or train=false ckpt_path=PATH to only test a checkpoint"
+        )
+    if not cfg.get("train", True) and cfg.get("test", True) and not cfg.get("ckpt_path"):
+        raise ValueError(
+            "train=false tests a checkpoint: give it with ckpt_path=PATH (or use eval.py ckpt_path=PATH); "
+            "without one the test table would score untrained weights"
+        )
+
+
+def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict) -> dict:
+    """Read the checkpoint to resume without running code in it; refuse one trained with another config."""
+    # a crafted or damaged file is refused here, with a clear message, before Lightning unpickles it
+    ckpt = load_checkpoint_safely(path, what="ckpt_path")
+    stored = ckpt.get(CHECKPOINT_KEY, {}).get("config") if isinstance(ckpt.get(CHECKPOINT_KEY), dict) else None
+    info = check_resume(stored, cfg_dict, ckpt, path=path, force=bool(cfg.get("resume_force", False)))
+    log.info(
+        "resuming %s from epoch %d, step %d (trainer.max_epochs=%s)",
+        path,
+        info["epoch"],
+        info["global_step"],
+        cfg.trainer.get("max_epochs"),
+    )
+    return info
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            return callback.best_model_path
+    return ""
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit on the train split (validating every pattern), then test the best checkpoint on every pattern."""
+    """Fit on the train split (validating every pattern), then test the best checkpoint on every pattern.
+
+    ``ckpt_path=PATH`` resumes a run exactly (same weights, MAS memory and metrics as if it had not stopped;
+    :mod:`sgma.recovery`); a config that trains something else is refused unless ``resume_force=true``. SIGINT
+    or SIGTERM saves ``checkpoints/last.ckpt`` and raises :class:`~sgma.recovery.TrainingInterrupted`.
+    """
+    _check_train_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    fit = bool(cfg.get("train", True))
     resume = _check_checkpoint_path(cfg.get("ckpt_path"), what="ckpt_path")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = resolved_dict(cfg)
+    resumed = _resume_info(cfg, resume, cfg_dict) if resume and fit else {}
+    if resume and not fit:
+        load_checkpoint_safely(resume, what="ckpt_path")  # refused before Lightning unpickles it
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
-    callbacks, loggers = callbacks_and_loggers(cfg)
+    callbacks, loggers = callbacks_and_loggers(cfg, wandb_id=resumed.get("wandb_id"))
     callbacks.append(StoreConfig(cfg_dict, dataset_facts(dm)))
     if dm.sampler == "mas":
         callbacks.append(RobustnessFeedback())
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks.append(ResumeState())
+    interrupt = CheckpointOnSignal(out_dir / "checkpoints")
+    if cfg.trainer.get("enable_checkpointing", True):  # Lightning refuses Checkpoint callbacks otherwise
+        callbacks.append(interrupt)
+    # every checkpoint is written atomically, whatever the trainer config
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     _log_hyperparameters(loggers, cfg_dict, dm, module)
 
     metrics: dict[str, Any] = {}
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    if fit:
+        with interrupt.handling_signals():
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+        interrupt.raise_if_stopped()  # a signal stopped training at an epoch end: no test
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = _best_checkpoint(trainer) if fit else str(resume)
         if best:
-            log.info("testing the best checkpoint %s", best)
+            log.info("testing the %scheckpoint %s", "best " if fit else "", best)
         else:
             log.warning("no best checkpoint (validation disabled?): testing the current weights")
-        trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False, verbose=False)
+        trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         if trainer.is_global_zero:
             metrics.update(
                 _report(
@@ -170,19 +226,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_checkpoint(path: str | None) -> dict:
-    p = _check_checkpoint_path(path, what="ckpt_path")
-    if p is None:
-        raise ValueError("eval needs ckpt_path=PATH to a checkpoint written by train.py")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise RuntimeError(
-            f"could not read checkpoint {str(p)!r} ({type(err).__name__}: {err}); is it complete?"
-        ) from err
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise RuntimeError(
-            f"checkpoint {str(p)!r} has no stored sgma config; only checkpoints written by this project's train.py "
-            f"can be evaluated with eval.py"
+    """A checkpoint written by sgma's train.py, loaded without running any code in it (``weights_only=True``)."""
+    if path is None:
+        raise ValueError("ckpt_path=PATH is required: a checkpoint written by train.py (e.g. checkpoints/last.ckpt)")
+    ckpt = load_checkpoint_safely(path, what="ckpt_path")
+    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"checkpoint ckpt_path={str(path)!r} has no stored sgma config; only checkpoints written by this "
+            f"project's train.py can be used by eval.py, predict.py and the notebook"
         )
     return ckpt
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,20 +48,36 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
+        from sgma.recovery import TrainingInterrupted
+
         try:
             return task(cfg)
+        except TrainingInterrupted as err:  # not a failure: the checkpoint to resume from was saved
+            log.warning("%s", err)
+            raise
         except Exception as err:
             log.error("task %s failed: %s: %s", task.__name__, type(err).__name__, err)  # Hydra prints the trace
             raise
         finally:
-            import wandb
-
-            if wandb.run is not None:
+            # a W&B run can only be open if wandb was imported; importing it here would make wandb a
+            # requirement of csv-only runs (the lent GPU machines have no wandb)
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and wandb.run is not None:
                 log.info("closing the W&B run (%s)", wandb.run.dir)
                 wandb.finish()
 
     return wrapped
 
 
-def callbacks_and_loggers(cfg: DictConfig) -> tuple[list[Callback], list[Logger]]:
-    return instantiate_dict(cfg.get("callbacks")), instantiate_dict(cfg.get("logger"))
+def callbacks_and_loggers(cfg: DictConfig, *, wandb_id: str | None = None) -> tuple[list[Callback], list[Logger]]:
+    """The configured callbacks and loggers; ``wandb_id``: continue that W&B run (a resumed training run)."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        extra = {}
+        if wandb_id and str(node["_target_"]).endswith("WandbLogger"):
+            extra = {"id": wandb_id, "resume": "allow"}
+            log.info("resuming W&B run %s", wandb_id)
+        loggers.append(instantiate(node, **extra))
+    return instantiate_dict(cfg.get("callbacks")), loggers

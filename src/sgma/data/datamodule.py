@@ -10,6 +10,8 @@ draws patterns with a :class:`~sgma.data.missing.MissingPolicy`; validation and 
 
 from __future__ import annotations
 
+import signal
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import lightning as L
@@ -17,10 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sgma.data.mas import MASSampler, RobustnessMemory
 from sgma.data.missing import MissingPolicy, UniformPatterns
+from sgma.data.sharding import EpochSampler, distributed_rank_and_size
 from sgma.modalities import Modality, all_patterns, pattern_mask, resolve_patterns
 
 SPLITS = ("train", "val", "test")
+
+# Lightning warns on every mid-epoch resume unless the DataLoader itself has state_dict/load_state_dict; ours is
+# resumable through the datamodule's state (the sampler's position, see MultiModalDataModule.state_dict)
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class IncompleteModalityDataset(Dataset):
@@ -61,24 +69,7 @@ class IncompleteModalityDataset(Dataset):
         return sample
 
 
-def distributed_rank_and_size() -> tuple[int, int]:
-    """(rank, world size) of the current process group; (0, 1) outside distributed runs."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def equal_shard(keys: list, rank: int, world_size: int) -> list:
-    """Rank ``rank``'s share of an epoch's keys: disjoint positions, equal lengths (the list is padded by
-    wrapping around, so every rank runs the same number of steps, as DDP requires)."""
-    if world_size == 1:
-        return keys
-    per_rank = -(-len(keys) // world_size)
-    padded = keys + keys[: per_rank * world_size - len(keys)]
-    return padded[rank::world_size]
-
-
-class RandomPatternSampler(Sampler[tuple[int, int]]):
+class RandomPatternSampler(EpochSampler):
     """A random permutation of the samples, each with a pattern drawn by the policy.
 
     One draw per epoch from (seed, epoch), identical on every rank, then sharded: each DDP rank takes a
@@ -91,13 +82,6 @@ class RandomPatternSampler(Sampler[tuple[int, int]]):
         self.seed = seed
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        _, world = distributed_rank_and_size()
-        return -(-self.num_samples // world)
-
     def epoch_keys(self) -> list[tuple[int, int]]:
         """The whole epoch's (index, pattern id) draw, before sharding."""
         rng = np.random.default_rng((self.seed, self.epoch))
@@ -105,8 +89,16 @@ class RandomPatternSampler(Sampler[tuple[int, int]]):
         patterns = self.policy.draw(rng, self.num_samples)
         return list(zip(order.tolist(), patterns.tolist(), strict=True))
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        yield from equal_shard(self.epoch_keys(), *distributed_rank_and_size())
+    def state_dict(self) -> dict:
+        return {"num_samples": self.num_samples, "seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"train sampler state is for {state['num_samples']} samples but this sampler has {self.num_samples}: "
+                "the checkpoint was trained on a different dataset or split"
+            )
+        self.epoch = int(state["epoch"])
 
 
 class PatternGridSampler(Sampler[tuple[int, int]]):
@@ -130,6 +122,14 @@ class PatternGridSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         yield from self._keys()
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C and SLURM signal the whole process group, and a worker
+    that died with it would crash the main process before it saves its checkpoint (sgma.recovery); the main
+    process shuts its workers down itself, and they exit on their own if it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class MultiModalDataModule(L.LightningDataModule):
@@ -169,8 +169,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self.pattern_lists = {"val": val_patterns, "test": test_patterns}
         self.seed = seed
         self._datasets: dict[str, IncompleteModalityDataset] = {}
-        self.train_sampler: Sampler | None = None
-        self._pending_sampler_state: dict | None = None
+        self.train_sampler: EpochSampler | None = None
+        self._pending_state: dict | None = None  # a checkpoint's state, applied when the train sampler is built
         self.missing.bind(self.modalities)  # fail before training if the policy names unknown modalities
         for split in ("val", "test"):
             self.eval_patterns(split)
@@ -221,17 +221,16 @@ class MultiModalDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
 
-    def _build_train_sampler(self, num_samples: int) -> Sampler:
+    def _build_train_sampler(self, num_samples: int) -> EpochSampler:
         if self.sampler == "random":
-            return RandomPatternSampler(num_samples, self.missing, seed=self.seed)
-        from sgma.data.mas import MASSampler, RobustnessMemory
-
-        options = dict(self.mas_options)
-        memory = RobustnessMemory(num_samples, len(self.modalities), momentum=options.pop("momentum", 0.1))
-        sampler = MASSampler(num_samples, self.missing, memory, seed=self.seed, **options)
-        if self._pending_sampler_state is not None:  # resuming: restore memory and sampler state
-            sampler.load_state_dict(self._pending_sampler_state)
-            self._pending_sampler_state = None
+            sampler: EpochSampler = RandomPatternSampler(num_samples, self.missing, seed=self.seed)
+        else:
+            options = dict(self.mas_options)
+            memory = RobustnessMemory(num_samples, len(self.modalities), momentum=options.pop("momentum", 0.1))
+            sampler = MASSampler(num_samples, self.missing, memory, seed=self.seed, **options)
+        if self._pending_state is not None:  # resuming
+            self._restore_train_sampler(sampler, self._pending_state)
+            self._pending_state = None
         return sampler
 
     def eval_dataloader(self, split: str, patterns: str | Sequence[str] | None = None) -> DataLoader:
@@ -248,13 +247,50 @@ class MultiModalDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # every iterator draws its workers' base seed from this generator; without one it would draw from the
+            # global torch RNG, whose stream (MAS branch draws, dropout) must not depend on when loaders are
+            # (re)created, or a resumed run could not continue it exactly
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=ignore_interrupts if self.num_workers > 0 else None,
         )
 
-    # checkpoints: the MAS sampler's robustness memory and state travel with the datamodule's state
+    # checkpoints -----------------------------------------------------------------------------------------
+    # The train sampler's state (epoch; MAS: robustness memory and knobs) and its position within the epoch travel
+    # with the datamodule's state, which Lightning restores before it asks for the train loader: the sampler is
+    # then built at the right epoch and skips the keys the interrupted run already trained on.
+    def _position(self) -> dict:
+        """Where training stands in the sampler's epoch: batches consumed (Lightning's count) and whether the
+        epoch is over. Outside fitting (or before the first batch): the start of the sampler's epoch."""
+        assert self.train_sampler is not None
+        batches, epoch_done = 0, False
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            epoch_done = batches >= trainer.num_training_batches
+        _, world = distributed_rank_and_size()
+        return {
+            "epoch": int(self.train_sampler.epoch),
+            "batches": batches,
+            "batch_size": int(self.batch_size),
+            "world_size": world,
+            "epoch_done": bool(epoch_done),
+        }
+
     def state_dict(self) -> dict:
         state = {"seed": self.seed, "missing": self.missing.name, "sampler": self.sampler}
-        if self.train_sampler is not None and hasattr(self.train_sampler, "state_dict"):
+        if self.train_sampler is not None:
             state["sampler_state"] = self.train_sampler.state_dict()
+            state["position"] = self._position()
+            _, world = distributed_rank_and_size()
+            if world > 1 and isinstance(self.train_sampler, MASSampler):
+                # mid-epoch, each rank holds its own not yet all-reduced observations: keep every rank's
+                # (called on every rank while Lightning dumps a checkpoint, so the collective is matched)
+                memory = self.train_sampler.memory
+                mine = {"sums": memory.sums.cpu().clone(), "counts": memory.counts.cpu().clone()}
+                mine["skipped"] = int(memory.skipped)  # on the CPU: every rank unpickles every rank's share
+                gathered: list = [None] * world
+                torch.distributed.all_gather_object(gathered, mine)
+                state["rank_buffers"] = gathered
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -263,8 +299,34 @@ class MultiModalDataModule(L.LightningDataModule):
                 f"resuming with datamodule seed {self.seed}, but the checkpoint was trained with {state.get('seed')}; "
                 f"set seed={state.get('seed')} to continue the same sample order"
             )
+        if self.train_sampler is not None:
+            self._restore_train_sampler(self.train_sampler, state)
+        else:
+            self._pending_state = state
+
+    def _restore_train_sampler(self, sampler: EpochSampler, state: Mapping) -> None:
         if "sampler_state" in state and state.get("sampler") == self.sampler:
-            if self.train_sampler is not None and hasattr(self.train_sampler, "load_state_dict"):
-                self.train_sampler.load_state_dict(state["sampler_state"])
-            else:
-                self._pending_sampler_state = state["sampler_state"]
+            sampler.load_state_dict(state["sampler_state"])
+        rank, world = distributed_rank_and_size()
+        buffers = state.get("rank_buffers")
+        if isinstance(sampler, MASSampler) and buffers and len(buffers) == world:
+            mine = buffers[rank]
+            sampler.memory.sums.copy_(mine["sums"])
+            sampler.memory.counts.copy_(mine["counts"])
+            sampler.memory.skipped = int(mine["skipped"])
+        position = state.get("position")
+        if position is None:  # a checkpoint written before positions were stored: the start of its epoch
+            return
+        if position["epoch_done"]:
+            sampler.set_epoch(position["epoch"] + 1)
+        elif position["batches"] > 0:
+            if position["world_size"] != world:
+                raise ValueError(
+                    f"the checkpoint was written mid-epoch by {position['world_size']} process(es) and this run has "
+                    f"{world}: the epoch's keys are sharded differently, so it cannot continue where it stopped; "
+                    f"resume with the same trainer.devices (and nodes), or from an end-of-epoch checkpoint "
+                    f"(checkpoints/epoch_*.ckpt)"
+                )
+            sampler.resume(position["epoch"], position["batches"] * position["batch_size"])
+        else:
+            sampler.set_epoch(position["epoch"])

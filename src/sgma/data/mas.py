@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
 
-from sgma.data.datamodule import distributed_rank_and_size, equal_shard
 from sgma.data.missing import MissingPolicy
+from sgma.data.sharding import EpochSampler
 from sgma.modalities import pattern_mask
 
 EPS = 1e-6  # lower clamp on relative robustness before inverting it (a modality the fusion ignores entirely)
@@ -40,6 +39,10 @@ class RobustnessMemory:
         rho_im <- (1 - momentum) * rho_im + momentum * mean(rho_obs over the epoch's passes of (i, m))
 
     Entries not observed during the epoch keep their value.
+
+    The epoch buffers (``sums``, ``counts``, the ``skipped`` count) live on the device of the observations, so
+    :meth:`observe` never waits for a GPU; :meth:`commit` moves them to the CPU once per epoch. The memory
+    itself (``values``, ``seen``) stays on the CPU, where the sampler reads it.
     """
 
     def __init__(self, num_samples: int, num_modalities: int, *, momentum: float = 0.1) -> None:
@@ -57,7 +60,24 @@ class RobustnessMemory:
         # float64 buffers: exact sums of many small contributions, and one dtype for a single collective
         self.sums = torch.zeros(shape, dtype=torch.float64)
         self.counts = torch.zeros(shape, dtype=torch.float64)
-        self.skipped = 0  # non-finite observations dropped since the last commit
+        self._skipped = torch.zeros((), dtype=torch.int64)  # non-finite observations dropped since the last commit
+
+    @property
+    def skipped(self) -> int:
+        """Non-finite observations dropped since the last commit (reading it waits for the device)."""
+        return int(self._skipped)
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped = torch.full((), int(value), dtype=torch.int64, device=self.sums.device)
+
+    def _buffers_to(self, device: torch.device) -> None:
+        """Move the epoch buffers to ``device`` (once, on the first observation from it)."""
+        if self.sums.device != device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            self.sums = self.sums.to(device, dtype)
+            self.counts = self.counts.to(device, dtype)
+            self._skipped = self._skipped.to(device)
 
     @property
     def values(self) -> Tensor:
@@ -70,10 +90,14 @@ class RobustnessMemory:
 
     def observe(self, indices: Tensor, available: Tensor, robustness: Tensor) -> None:
         """Accumulate one batch: ``indices`` (B,) sample ids, ``available`` (B, M) bool, ``robustness`` (B, M)
-        per-sample robustness of each modality (summing to 1 over the available ones). Any device; detached."""
-        indices = torch.as_tensor(indices).detach().to("cpu", torch.int64).reshape(-1)
-        available = torch.as_tensor(available).detach().to("cpu", torch.bool)
-        robustness = torch.as_tensor(robustness).detach().to("cpu", torch.float64)
+        per-sample robustness of each modality (summing to 1 over the available ones). Any device; detached.
+
+        Nothing here reads a value on the host when the observations live on a GPU: the buffers follow them
+        there, and out-of-range indices are caught by a device-side assert (a ValueError on CPU)."""
+        indices = torch.as_tensor(indices).detach().reshape(-1)
+        device = indices.device
+        available = torch.as_tensor(available, device=device).detach()
+        robustness = torch.as_tensor(robustness, device=device).detach()
         batch, m = indices.numel(), self.num_modalities
         if available.shape != (batch, m) or robustness.shape != (batch, m):
             raise ValueError(
@@ -82,17 +106,24 @@ class RobustnessMemory:
             )
         if batch == 0:
             return
-        if indices.min() < 0 or indices.max() >= self.num_samples:
-            raise ValueError(
-                f"sample indices must lie in [0, {self.num_samples}), got [{int(indices.min())}, "
-                f"{int(indices.max())}]: is the memory built for this split's dataset size?"
-            )
-        k = available.sum(dim=1, keepdim=True).to(torch.float64)  # (B, 1) available modalities per sample
-        rho = k * robustness  # relative to uniform: 1.0 = each available modality weighs 1/k
+        indices, available = indices.long(), available.bool()
+        bad_index = "is the memory built for this split's dataset size?"
+        if device.type == "cpu":
+            if indices.min() < 0 or indices.max() >= self.num_samples:
+                raise ValueError(
+                    f"sample indices must lie in [0, {self.num_samples}), got [{int(indices.min())}, "
+                    f"{int(indices.max())}]: {bad_index}"
+                )
+        else:
+            in_range = ((indices >= 0) & (indices < self.num_samples)).all()
+            torch._assert_async(in_range, f"sample indices must lie in [0, {self.num_samples}): {bad_index}")
+        self._buffers_to(device)
+        k = available.sum(dim=1, keepdim=True).to(self.sums.dtype)  # (B, 1) available modalities per sample
+        rho = k * robustness.to(self.sums.dtype)  # relative to uniform: 1.0 = each available modality weighs 1/k
         use = available & torch.isfinite(rho)
-        self.skipped += int((available & ~use).sum())
-        self.sums.index_add_(0, indices, torch.where(use, rho, torch.zeros_like(rho)))
-        self.counts.index_add_(0, indices, use.to(torch.float64))
+        self._skipped += (available & ~use).sum()
+        self.sums.index_add_(0, indices, rho.masked_fill(~use, 0))
+        self.counts.index_add_(0, indices, use.to(self.counts.dtype))
 
     def commit(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor | int]:
         """Fold the epoch's observations into the EMA and clear the buffers; call once per epoch on every rank.
@@ -106,9 +137,9 @@ class RobustnessMemory:
         stacked = torch.stack([self.sums, self.counts])  # one collective for both buffers
         if all_reduce is not None:
             stacked = all_reduce(stacked)
-            stacked = stacked.detach().to("cpu", torch.float64)
             if stacked.shape != (2, self.num_samples, self.num_modalities):
                 raise ValueError(f"all_reduce returned shape {tuple(stacked.shape)}, expected {(2, *self.sums.shape)}")
+        stacked = stacked.detach().to("cpu", torch.float64)  # the epoch's one transfer from the device
         sums, counts = stacked[0], stacked[1]
         update = counts > 0
         mean = sums / counts.clamp_min(1.0)
@@ -133,8 +164,8 @@ class RobustnessMemory:
         return {
             "values": self._values.clone(),
             "seen": self.seen.clone(),
-            "sums": self.sums.clone(),
-            "counts": self.counts.clone(),
+            "sums": self.sums.to("cpu", torch.float64, copy=True),
+            "counts": self.counts.to("cpu", torch.float64, copy=True),
             "skipped": self.skipped,
             "momentum": self.momentum,
         }
@@ -175,7 +206,7 @@ class RobustnessMemory:
         self.skipped = int(state.get("skipped", 0))
 
 
-class MASSampler(Sampler[tuple[int, int]]):
+class MASSampler(EpochSampler):
     """Modality-Aware Sampling over the dataset: yields ``(sample index, pattern id)`` keys weighted by fragility.
 
     With ``rho`` (N, M) the :class:`RobustnessMemory` values, ``T`` = ``temperature`` and eps = 1e-6:
@@ -284,14 +315,7 @@ class MASSampler(Sampler[tuple[int, int]]):
         share = tied / tied.sum(axis=2, keepdims=True)
         return np.einsum("n,np,npm->m", p, q, share)
 
-    # the draw --------------------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        _, world = distributed_rank_and_size()
-        return -(-self.num_samples // world)
-
+    # the draw (sharding, set_epoch and mid-epoch resume: EpochSampler) ---------------------------------------
     def epoch_keys(self) -> list[tuple[int, int]]:
         """The whole epoch's (index, pattern id) draw, before sharding; a function of (seed, epoch, memory)."""
         rng = np.random.default_rng((self.seed, self.epoch))
@@ -306,15 +330,6 @@ class MASSampler(Sampler[tuple[int, int]]):
         u = rng.random(n)[:, None] * cdf[:, -1:]
         patterns = np.minimum((cdf <= u).sum(axis=1), len(self.patterns) - 1)
         return list(zip(slots.tolist(), patterns.tolist(), strict=True))
-
-    def shard(self, rank: int, world_size: int) -> list[tuple[int, int]]:
-        """Rank ``rank``'s keys of the current epoch among ``world_size`` ranks (no process group needed)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
-        return equal_shard(self.epoch_keys(), rank, world_size)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        yield from self.shard(*distributed_rank_and_size())
 
     # resume ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

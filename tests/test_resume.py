@@ -1,0 +1,227 @@
+"""Recovery: checkpoints on SIGINT/SIGTERM, exact resume, atomic checkpoints and report files, resume checks."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import REPO, bind_to, compose_config
+from sgma.metrics import build_report
+from sgma.recovery import AtomicCheckpointIO, TrainingInterrupted
+from sgma.reporting import write_report
+from sgma.tasks import train
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this very process at the end of training step ``step`` (``times`` times)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGINT), times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def _cfg(run: Path, model: str, *overrides: str, signal_at: dict | None = None):
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", f"model={model}", *overrides]), run)
+    if signal_at is not None:
+        with open_dict(cfg):
+            cfg.callbacks.signal_at = {"_target_": "test_resume.SignalAt", **signal_at}
+    return cfg
+
+
+def _interrupt(cfg) -> TrainingInterrupted:
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg)
+    return info.value
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ after resuming: {different[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("model", "epochs", "step", "signum"),
+    [
+        ("sgma", 2, 1, signal.SIGINT),  # mid-epoch of the first epoch: saved at the end of that step
+        ("baseline", 2, 2, signal.SIGTERM),  # the last step of an epoch: saved after validation and the epoch end
+    ],
+)
+def test_interrupted_run_resumes_exactly(tmp_path, model, epochs, step, signum):
+    common = [f"trainer.max_epochs={epochs}", "callbacks.model_checkpoint.save_top_k=3"]
+    if model == "sgma":
+        common.append("test=false")
+    full_metrics, full = train(_cfg(tmp_path / "full", model, *common))
+
+    cut = tmp_path / "cut"
+    logger = ["logger=wandb"] if model == "baseline" else []
+    stopped = _interrupt(_cfg(cut, model, *common, *logger, signal_at={"step": step, "signum": int(signum)}))
+    last = cut / "checkpoints" / "last.ckpt"
+    assert stopped.checkpoint == last.resolve() and stopped.exit_code == 128 + signum
+    assert f"{signum.name} at epoch 0 step {step}; resume with ckpt_path={last.resolve()}" in str(stopped)
+    assert not (cut / "patterns.csv").exists()  # no test after an interruption
+    saved = torch.load(last, map_location="cpu", weights_only=True)  # plain data only
+    assert saved["global_step"] == step
+
+    resumed_metrics, resumed = train(_cfg(tmp_path / "resumed", model, *common, *logger, f"ckpt_path={last}"))
+    _assert_same_state(full["module"].state_dict(), resumed["module"].state_dict())
+    assert resumed_metrics == full_metrics  # validation, MAS, lr and (baseline) test metrics, bit for bit
+    # the best validation score so far and the top-k checkpoints carried across the interruption
+    assert resumed["module"].val_best.update_count == full["module"].val_best.update_count == epochs
+    best = {run: o["trainer"].checkpoint_callback for run, o in (("full", full), ("resumed", resumed))}
+    assert {Path(p).name: float(s) for p, s in best["resumed"].best_k_models.items()} == {
+        Path(p).name: float(s) for p, s in best["full"].best_k_models.items()
+    }
+    assert all(Path(p).parent == tmp_path / "resumed" / "checkpoints" for p in best["resumed"].best_k_models)
+    if model == "sgma":  # the MAS sampler's robustness memory, epoch and draws
+        memory = {run: o["datamodule"].train_sampler.memory.state_dict() for run, o in (("a", full), ("b", resumed))}
+        for key, value in memory["a"].items():
+            assert torch.equal(value, memory["b"][key]) if torch.is_tensor(value) else value == memory["b"][key], key
+        assert not full["datamodule"].train_sampler.memory.is_uniform()
+    else:  # the resumed run continues the interrupted W&B run
+        ids = [
+            p.name.rsplit("-", 1)[1]
+            for run in ("cut", "resumed")
+            for p in (tmp_path / run / "wandb").glob("offline-run-*")
+        ]
+        assert len(ids) == 2 and ids[0] == ids[1], ids
+
+
+def test_second_signal_aborts_without_saving(tmp_path):
+    cfg = _cfg(tmp_path, "baseline", "test=false", signal_at={"step": 1, "times": 2})
+    with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt handling ends the process
+        train(cfg)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_resume_extends_the_schedule_and_refuses_another_config(tmp_path, caplog):
+    train(_cfg(tmp_path / "first", "baseline", "test=false"))  # 1 epoch = 2 steps: the schedule ends at lr 0
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    with pytest.raises(ValueError, match="different config") as refused:
+        train(_cfg(tmp_path / "other", "sgma", f"ckpt_path={last}", "trainer.max_epochs=2"))
+    assert "model.fusion: " in str(refused.value) and "mas.branch: False -> True" in str(refused.value)
+    assert "data.sampler: 'random' -> 'mas'" in str(refused.value) and "resume_force=true" in str(refused.value)
+
+    run = tmp_path / "longer"
+    with caplog.at_level("WARNING", logger="sgma"):
+        train(_cfg(run, "baseline", f"ckpt_path={last}", "trainer.max_epochs=2", "test=false", "missing=rgb+dsm",
+                   "resume_force=true"))  # fmt: skip
+    assert "missing.pattern: (absent) -> 'rgb+dsm'" in caplog.text
+    assert "total steps 2 -> 4" in caplog.text
+    rows = list(csv.DictReader(next(run.rglob("metrics.csv")).open()))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert len(lrs) == 2 and all(lr > 0 for lr in lrs), lrs  # not the finished schedule's 0
+
+
+def test_nothing_to_train_is_an_error(cfg_train):
+    with open_dict(cfg_train):
+        cfg_train.trainer.max_epochs = 0
+    with pytest.raises(ValueError, match=r"trainer.max_epochs=0 with train=true trains nothing"):
+        train(cfg_train)
+    with open_dict(cfg_train):
+        cfg_train.trainer.max_epochs = 1
+        cfg_train.train = False
+    with pytest.raises(ValueError, match=r"train=false tests a checkpoint: give it with ckpt_path=PATH"):
+        train(cfg_train)
+    assert not (Path(cfg_train.paths.output_dir) / "patterns.csv").exists()
+
+
+@contextmanager
+def _max_file_size(nbytes: int):
+    """A real write fault without root: writes past ``nbytes`` fail with EFBIG, as they would with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_checkpoint_write_failure_keeps_the_previous_file(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.zeros(10)}, path)
+    assert path.stat().st_mode & 0o044  # readable by group/others like any file (umask), not mkstemp's 0600
+    with _max_file_size(64 * 1024), pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt") as err:
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1_000_000)}, path)
+    assert err.value.errno == errno.EFBIG and "is unchanged" in str(err.value)
+    assert torch.load(path, weights_only=True)["step"] == 1  # the earlier checkpoint, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_report_files_appear_as_a_set(tmp_path):
+    classes = [f"class{i}" for i in range(6)]
+    report = build_report(
+        torch.eye(6, dtype=torch.long).repeat(3, 1, 1) * 100,
+        torch.tensor([4, 4, 4]),
+        all_patterns=["rgb", "dsm", "rgb+dsm"],
+        class_names=classes,
+    )
+    meta = {"config": {"pad": "x" * 20000}}  # patterns.json, written second, outgrows the limit below
+    written = write_report(report, tmp_path / "ok", title="t", meta=meta)
+    sizes = {p.name: p.stat().st_size for p in written}
+    assert max(sizes["patterns.csv"], sizes["patterns.md"]) < 20000 < sizes["patterns.json"]
+    out = tmp_path / "full_disk"
+    with _max_file_size(20000), pytest.raises(OSError) as err:
+        write_report(report, out, title="t", meta=meta)
+    assert err.value.errno == errno.EFBIG
+    assert list(out.iterdir()) == []  # neither a lone patterns.csv nor temporaries
+
+
+def test_run_folders_are_unique_within_a_second():
+    cfg = compose_config("train", ["debug=tiny"])
+    name = Path(str(cfg.hydra.run.dir)).name
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", name), name
+    sweep = Path(str(cfg.hydra.sweep.dir)).name
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", sweep), sweep
+
+
+def test_train_py_saves_and_exits_on_sigterm(tmp_path):
+    """A real SIGTERM to train.py's whole process group during the first epoch, as SLURM and Ctrl-C send it (the
+    DataLoader workers get it too): a loadable last.ckpt, exit 143, the resume command."""
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
+    args = ["debug=tiny", "logger=csv", "trainer.max_epochs=1000", "data.batch_size=2", "data.num_workers=2"]
+    args.append(f"hydra.run.dir={run}")
+    log = (tmp_path / "out.txt").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "Epoch 0" not in (tmp_path / "out.txt").read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, "train.py did not start training"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "out.txt").read_text()
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"resume with ckpt_path={last.resolve()}" in out, out[-3000:]
+    assert "sgma" in torch.load(last, map_location="cpu", weights_only=True)
+    assert not (run / "patterns.json").exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries
