@@ -66,6 +66,33 @@ def test_loss_combines_both_branches_with_the_weights(tmp_path, draw):
     assert float(loss) == pytest.approx(2.5 * float(ce), rel=1e-5)
 
 
+def test_branch_reuses_the_main_pass_and_weights_out_samples_without_the_drawn_modality(tmp_path):
+    """The MAS branch fuses the main pass's SGF tokens (the projectors run once per scale), and with
+    mas.draw=batch it decodes the whole batch, with loss weight 0 for the samples that lack the drawn
+    modality: the loss equals the cross-entropy over the samples that have it."""
+    _, dm, module = _module(tmp_path, "mas.draw=batch")
+    module.eval()  # deterministic passes (no stochastic depth), so the reference below is exact
+    calls = []
+    for fusion in module.net.fusion:
+        fusion.projectors.register_forward_hook(lambda *_: calls.append(1))
+    ids = [dm.patterns.index(p) for p in ("rgb+nir", "rgb", "rgb+dsm", "rgb")]
+    batch = _batch(dm, ids)
+    with torch.no_grad():
+        loss = float(module.training_step(batch, 0)["loss"])
+    assert len(calls) == len(module.net.fusion)  # one projector pass per scale, shared by both branches
+    inputs, available, mask = {n: batch[n] for n in module.modality_names}, batch["available"], batch["mask"]
+    with torch.no_grad():
+        main = F.cross_entropy(module.net(inputs, available).logits, mask, ignore_index=255)
+        candidates = []
+        for m in range(available.shape[1]):  # whichever modality was drawn
+            rows = available[:, m]
+            alone = torch.zeros_like(available[rows])
+            alone[:, m] = True
+            logits = module.net({k: v[rows] for k, v in inputs.items()}, alone).logits
+            candidates.append(2.0 * float(main) + float(F.cross_entropy(logits, mask[rows], ignore_index=255)))
+    assert any(loss == pytest.approx(c, rel=1e-5) for c in candidates), (loss, candidates)
+
+
 def test_branch_off_is_plain_cross_entropy(tmp_path):
     _, dm, module = _module(tmp_path, "mas.branch=false", "mas.lambda_main=1.0")
     counter = CountHead(module)

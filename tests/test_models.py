@@ -7,7 +7,7 @@ import torch
 
 from sgma.modalities import Modality, all_patterns, pattern_mask
 from sgma.models import FUSIONS, build_fusion
-from sgma.models.encoder import build_encoder, validate_backbone_name
+from sgma.models.encoder import build_encoder, packing_index, validate_backbone_name
 from sgma.models.fusion import ConcatFusion, MeanFusion
 from sgma.models.segmentor import MultiModalSegmentor
 
@@ -57,13 +57,74 @@ def test_mean_fusion_is_the_average_of_available():
 
 
 def test_fusion_rejects_empty_pattern():
-    with pytest.raises(AssertionError, match="at least one available"):
+    # checked on the device (torch._assert_async): a RuntimeError on CPU, no host sync on a GPU
+    with pytest.raises(RuntimeError, match="at least one available"):
         MeanFusion(in_channels=4, num_modalities=3, num_classes=2)(torch.zeros(1, 3, 4, 2, 2), torch.zeros(1, 3).bool())
+
+
+def test_segmentor_rejects_empty_pattern_on_the_host():
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", decoder_channels=32)
+    available = MASKS[:2].clone()
+    available[1] = False
+    with pytest.raises(ValueError, match=r"at least one available modality; samples \[1\] have none"):
+        net(inputs(2), available)
+    with pytest.raises(ValueError, match="at least one available"):
+        packing_index(available)
+
+
+def test_packing_index_given_or_computed_gives_the_same_model_output():
+    """The host-side plan (what the training module passes) and the device-side fallback agree."""
+    torch.manual_seed(0)
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", fusion="sgf", decoder_channels=32)
+    net.eval()
+    x = inputs(7)
+    index = packing_index(MASKS)
+    assert index.tolist() == [b * 3 + m for b in range(7) for m in range(3) if MASKS[b, m]]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, MASKS, encode_index=index).logits, net(x, MASKS).logits)
 
 
 def test_unknown_fusion():
     with pytest.raises(ValueError, match=r"unknown fusion 'sum'.*mean, concat, sgf"):
         build_fusion("sum", in_channels=[4], num_modalities=2, num_classes=2)
+
+
+SGF_OPTIONS = {"embed_dim": None, "num_heads": 2, "class_average": "weighted"}
+
+
+def test_fusion_options_reach_only_their_fusion():
+    """SGF presets keep their options when model.fusion=concat is chosen (they used to leak: TypeError)."""
+    sizes = {"in_channels": [8, 16], "num_modalities": 3, "num_classes": 6}
+    concat = build_fusion("concat", **sizes, sgf=SGF_OPTIONS, concat={}, mean={})
+    assert [type(f) for f in concat] == [ConcatFusion, ConcatFusion]
+    sgf = build_fusion("sgf", **sizes, sgf=SGF_OPTIONS, concat={}, mean={})
+    assert [(f.num_heads, f.class_average) for f in sgf] == [(2, "weighted")] * 2
+    net = MultiModalSegmentor(
+        modalities=MODS, num_classes=6, backbone="mit_b0", fusion="concat", fusion_options={"sgf": SGF_OPTIONS}
+    )
+    assert all(isinstance(f, ConcatFusion) for f in net.fusion)
+
+
+def test_fusion_option_errors_name_the_key():
+    sizes = {"in_channels": [8], "num_modalities": 3, "num_classes": 6}
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.concat\.embed_dim: .*'concat' has no such option"):
+        build_fusion("concat", **sizes, concat={"embed_dim": 8})
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.sgf\.heads: .*options: embed_dim, num_heads"):
+        build_fusion("mean", **sizes, sgf={"heads": 2})  # checked even when sgf is not the active fusion
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.sgff: not a fusion"):
+        build_fusion("sgf", **sizes, sgff={"num_heads": 2})
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.sgf=3: expected a mapping"):
+        build_fusion("sgf", **sizes, sgf=3)
+
+
+def test_flat_fusion_options_of_old_checkpoints(caplog):
+    """Configs stored before options were keyed by fusion hold the active fusion's options flat."""
+    sizes = {"in_channels": [8], "num_modalities": 3, "num_classes": 6}
+    with caplog.at_level("WARNING"):
+        (sgf,) = build_fusion("sgf", **sizes, num_heads=2, embed_dim=None, class_average="uniform")
+    assert sgf.num_heads == 2 and "old flat layout" in caplog.text
+    with pytest.raises(ValueError, match=r"model\.fusion_options\.concat\.num_heads"):
+        build_fusion("concat", **sizes, num_heads=2)
 
 
 @pytest.mark.parametrize("backbone", ["mit_b0", "tu-pvt_v2_b0", "resnet18"])
@@ -163,8 +224,9 @@ def test_sgf_gradients_reach_every_part():
     for scale, fusion in enumerate(net.fusion):
         for part in ("semantic_filter", "spatial", "robustness"):
             assert grad_norm(getattr(fusion, part)) > 0, f"scale {scale}: no gradient in {part}"
-        for m, projector in zip(MODS, fusion.projectors, strict=True):
-            assert grad_norm(projector) > 0, f"scale {scale}: no gradient in projector {m.name}"
+        per_modality = fusion.projectors.proj_weight.grad.view(len(MODS), -1).abs().sum(dim=1)
+        for m, norm in zip(MODS, per_modality, strict=True):
+            assert norm > 0, f"scale {scale}: no gradient in projector {m.name}"
 
 
 def test_sgf_robustness_through_the_model():
@@ -174,3 +236,22 @@ def test_sgf_robustness_through_the_model():
         torch.testing.assert_close(r.sum(dim=1), torch.ones_like(r[:, 0]))
         assert (r[~MASKS] == 0).all()
     assert net(inputs(7), MASKS).robustness is None  # not computed unless asked
+
+
+@pytest.mark.parametrize("backbone", ["mit_b0", "resnet18"])
+def test_channels_last_gives_the_same_model(backbone):
+    """model.channels_last=true changes the memory layout of the encoder and head, not the numbers."""
+    torch.manual_seed(0)
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone=backbone, fusion="sgf", decoder_channels=32)
+    torch.manual_seed(0)
+    fast = MultiModalSegmentor(
+        modalities=MODS, num_classes=6, backbone=backbone, fusion="sgf", decoder_channels=32, channels_last=True
+    )
+    conv = next(m for m in fast.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    net.eval()
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(inputs(7), MASKS).logits, net(inputs(7), MASKS).logits, atol=1e-4, rtol=1e-4)
+    fast.train()
+    fast(inputs(7), MASKS).logits.mean().backward()  # and it trains

@@ -1,4 +1,5 @@
-"""SGF: shapes, exact exclusion of missing modalities, gradients, bf16, compile, and the einsum path."""
+"""SGF: shapes, exact exclusion of missing modalities, gradients, bf16, compile, and exactness against a naive
+per-modality, per-pixel reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from einops import rearrange, repeat
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sgma.models.fusion import FusionOutput
-from sgma.models.sgf import SemanticGuidedFusion
+from sgma.models.sgf import ModalityProjector, ModalityProjectors, SemanticGuidedFusion
 
 C, K, M, H, W = 32, 6, 3, 16, 16
 
@@ -104,13 +105,16 @@ def test_gradients_reach_every_submodule() -> None:
     sgf = make_sgf(class_average="weighted")
     feats = corrupt(make_feats(7), PATTERNS, "nan").requires_grad_()
     sgf(feats, PATTERNS).fused.sum().backward()
-    for name in ("projectors.0", "projectors.1", "projectors.2", "semantic_filter", "spatial", "robustness"):
+    for name in ("projectors", "semantic_filter", "spatial", "robustness"):
         module = sgf.get_submodule(name)
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), f"{name}: missing/NaN grad"
         assert any(g.abs().sum() > 0 for g in grads), f"{name}: zero gradient"
     for name in ("spatial.to_q", "spatial.to_kv", "robustness.to_q", "robustness.to_kv"):
         assert sgf.get_submodule(name).weight.grad.abs().sum() > 0, f"{name}: zero gradient"
+    # every modality's own projector parameters (stacked modality-major) receive gradient
+    grad = sgf.projectors.proj_weight.grad.view(M, -1)
+    assert (grad.abs().sum(dim=1) > 0).all()
     assert torch.isfinite(feats.grad).all()
     assert torch.all(feats.grad[~PATTERNS] == 0), "missing slots must receive exactly zero gradient"
 
@@ -155,41 +159,73 @@ def test_bad_class_average_is_a_clear_error() -> None:
         make_sgf(class_average="max")
 
 
-def naive_spatial_perceptron(sgf: SemanticGuidedFusion, feats: torch.Tensor, available: torch.Tensor):
-    """Reference SP with explicit per-pixel prototype copies: each pixel is its own attention batch."""
-    sp, b, h = sgf.spatial, feats.shape[0], sgf.num_heads
-    tokens = sgf.tokens(feats, available)  # (B, M, D, H, W)
-    class_maps = sgf.semantic_filter(tokens)
-    prototypes = sgf.prototypes(tokens, class_maps, available)  # (B, K, D)
-    class_weights = sgf.class_weights(class_maps, available)  # (B, K, H, W)
+def naive_sgf(sgf: SemanticGuidedFusion, feats: torch.Tensor, available: torch.Tensor):
+    """Reference SGF written the obvious way: one projector per modality applied separately, and every pixel
+    its own attention batch with explicit per-pixel prototype copies and keys/values for every token."""
+    b, m, _, x, y = feats.shape
+    h, k = sgf.num_heads, sgf.num_classes
+    zeroed = torch.where(available[:, :, None, None, None], feats, torch.zeros_like(feats))
+    tokens = torch.stack([sgf.projectors.single(i)(zeroed[:, i]) for i in range(m)], dim=1)  # (B, M, D, H, W)
+    d = tokens.shape[2]
+    class_maps = torch.stack([sgf.semantic_filter.classifier(tokens[:, i]) for i in range(m)], dim=1)
+    # prototypes: one distribution per class over all available (modality, position)
+    logits = rearrange(class_maps, "b m k x y -> b k (m x y)")
+    keep = repeat(available, "b m -> b 1 (m x y)", x=x, y=y)
+    weights = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    prototypes = weights @ rearrange(tokens, "b m d x y -> b (m x y) d")  # (B, K, D)
+    if sgf.class_average == "uniform":
+        class_weights = torch.full((b, k, x, y), 1.0 / k, dtype=feats.dtype)
+    else:
+        posteriors = class_maps.softmax(dim=2) * available[:, :, None, None, None]
+        class_weights = posteriors.sum(dim=1) / available.sum(dim=1)[:, None, None, None]
 
-    per_pixel_protos = repeat(prototypes, "b k d -> (b x y) k d", x=H, y=W)  # the copy the module avoids
+    def attention(module, queries, pixel_tokens, mask):  # queries (N, Q, D), pixel_tokens (N, M, D)
+        w_k, w_v = module.to_kv.weight[:, :, 0, 0].chunk(2)
+        b_k, b_v = module.to_kv.bias.chunk(2)
+        keys, values = pixel_tokens @ w_k.T + b_k, pixel_tokens @ w_v.T + b_v
+        q, keys, values = (rearrange(t, "n s (h d) -> n h s d", h=h) for t in (queries, keys, values))
+        attn = (q @ keys.transpose(-1, -2) * module.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        out = rearrange(attn @ values, "n h s d -> n s (h d)")
+        return out @ module.to_out.weight[:, :, 0, 0].T + module.to_out.bias, attn  # (N, Q, D), (N, h, Q, M)
+
     pixel_tokens = rearrange(tokens, "b m d x y -> (b x y) m d")
-    q = sp.to_q(per_pixel_protos)  # (N, K, D)
-    k_weight, v_weight = sp.to_kv.weight[:, :, 0, 0].chunk(2)
-    k_bias, v_bias = sp.to_kv.bias.chunk(2)
-    k = pixel_tokens @ k_weight.T + k_bias  # (N, M, D)
-    v = pixel_tokens @ v_weight.T + v_bias
-    q, k, v = (rearrange(t, "n s (h d) -> n h s d", h=h) for t in (q, k, v))
-    logits = q @ k.transpose(-1, -2) * sp.scale  # (N, h, K, M)
-    mask = repeat(available, "b m -> (b x y) 1 1 m", x=H, y=W)
-    attn = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    out = rearrange(attn @ v, "n h k d -> n k (h d)")  # (N, K, D)
-    out = out @ sp.to_out.weight[:, :, 0, 0].T + sp.to_out.bias  # per-class outputs
-    weights = rearrange(class_weights, "b k x y -> (b x y) k 1")
-    f_se = (out * weights).sum(dim=1)  # class average, (N, D)
-    return rearrange(f_se, "(b x y) d -> b d x y", b=b, x=H, y=W), tokens, prototypes, class_weights
+    mask = repeat(available, "b m -> (b x y) 1 1 m", x=x, y=y)
+    sp_queries = sgf.spatial.to_q(repeat(prototypes, "b k d -> (b x y) k d", x=x, y=y))  # the copy SGF avoids
+    per_class, _ = attention(sgf.spatial, sp_queries, pixel_tokens, mask)  # (N, K, D)
+    f_se = (per_class * rearrange(class_weights, "b k x y -> (b x y) k 1")).sum(dim=1)  # (N, D)
+    rp_queries = f_se @ sgf.robustness.to_q.weight[:, :, 0, 0].T + sgf.robustness.to_q.bias
+    fused, attn = attention(sgf.robustness, rp_queries[:, None], pixel_tokens, mask)
+    fused = rearrange(fused[:, 0], "(b x y) d -> b d x y", b=b, x=x, y=y)
+    robustness = rearrange(attn.mean(dim=1)[:, 0], "(b x y) m -> b m x y", b=b, x=x, y=y)
+    assert d == sgf.embed_dim
+    return fused, robustness
 
 
 @pytest.mark.parametrize("class_average", ["uniform", "weighted"])
 @pytest.mark.parametrize("heads", [1, 4])
-def test_einsum_spatial_perceptron_matches_naive_reference(class_average: str, heads: int) -> None:
+def test_sgf_matches_naive_reference(class_average: str, heads: int) -> None:
+    """The grouped projectors, the folded keys/values and the batched contractions change no number."""
     sgf = make_sgf(class_average=class_average, num_heads=heads).double()
-    feats = make_feats(7).double()
+    feats = corrupt(make_feats(7).double(), PATTERNS, "random")
     with torch.no_grad():
-        expected, tokens, prototypes, class_weights = naive_spatial_perceptron(sgf, feats, PATTERNS)
-        actual = sgf.spatial(prototypes, tokens, PATTERNS, class_weights)
-    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+        expected_fused, expected_robustness = naive_sgf(sgf, feats, PATTERNS)
+        out = sgf(feats, PATTERNS, return_robustness=True)
+    torch.testing.assert_close(out.fused, expected_fused, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.robustness, expected_robustness, atol=1e-10, rtol=1e-10)
+
+
+def test_prepared_tokens_can_be_fused_again_under_fewer_modalities() -> None:
+    """A token depends on its own slot only: fusing the main pass's tokens under a one-modality availability
+    (what the MAS branch does) equals fusing that modality alone from the features."""
+    sgf = make_sgf(class_average="weighted").double()
+    feats = make_feats(7).double()
+    tokens = sgf.prepare(feats, PATTERNS)
+    drawn = PATTERNS.float().argmax(dim=1)  # an available modality of every sample
+    alone = torch.nn.functional.one_hot(drawn, M).bool()
+    again = sgf.fuse(tokens, alone, return_robustness=True)
+    direct = sgf(feats, alone, return_robustness=True)
+    torch.testing.assert_close(again.fused, direct.fused, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(again.robustness, direct.robustness, atol=0, rtol=0)
 
 
 class LargestOutput(TorchDispatchMode):
@@ -223,17 +259,50 @@ def test_no_per_pixel_prototype_copies(class_average: str) -> None:
 
 
 @pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 6), (16, 16)])
-def test_merged_projector_equals_separate_branches(size):
-    """The single merged (and cropped) depthwise conv is exactly the sum of the three branch convs."""
-    from sgma.models.sgf import ModalityProjector
-
+def test_grouped_projectors_equal_separate_per_modality_projectors(size):
+    """One grouped computation (merged and cropped depthwise kernel, M*G-group norm, grouped 1x1) equals
+    each modality's projector run on its own with three separate branch convs, in values and gradients."""
     torch.manual_seed(0)
-    proj = ModalityProjector(in_channels=8, embed_dim=8).double()
-    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
-    merged = proj(x)
-    separate = proj.proj(proj.act(proj.norm(sum(branch(x) for branch in proj.branches))))
-    torch.testing.assert_close(merged, separate)
-    g_merged = torch.autograd.grad(merged.sum(), [x, *(b.weight for b in proj.branches)])
-    g_separate = torch.autograd.grad(separate.sum(), [x, *(b.weight for b in proj.branches)])
-    for a, b in zip(g_merged, g_separate, strict=True):
-        torch.testing.assert_close(a, b)
+    projectors = ModalityProjectors(num_modalities=M, in_channels=8, embed_dim=12, norm_groups=4).double()
+    feats = torch.randn(2, M, 8, *size, dtype=torch.float64, requires_grad=True)
+    available = torch.ones(2, M, dtype=torch.bool)
+    grouped = projectors(feats, available)  # (B, D, M, H, W)
+    singles = [projectors.single(i) for i in range(M)]
+    separate = torch.stack([p(feats[:, i]) for i, p in enumerate(singles)], dim=2)
+    torch.testing.assert_close(grouped, separate)
+    cotangent = torch.randn_like(grouped)
+    (grouped * cotangent).sum().backward()
+    (separate * cotangent).sum().backward()
+    c = 8
+    for j in range(3):
+        stacked_grad = getattr(projectors, f"kernel{j}_weight").grad
+        for i, single in enumerate(singles):
+            torch.testing.assert_close(stacked_grad[i * c : (i + 1) * c], single.branches[j].weight.grad)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(projectors.proj_weight.grad[i * 12 : (i + 1) * 12], single.proj.weight.grad)
+        torch.testing.assert_close(projectors.norm_weight.grad[i * c : (i + 1) * c], single.norm.weight.grad)
+
+
+def test_projectors_initialise_like_separate_modules():
+    """Same seed, same numbers as M separately built ModalityProjector modules (the former layout)."""
+    torch.manual_seed(3)
+    projectors = ModalityProjectors(num_modalities=M, in_channels=8, embed_dim=12)
+    torch.manual_seed(3)
+    separate = [ModalityProjector(in_channels=8, embed_dim=12) for _ in range(M)]
+    for i, single in enumerate(separate):
+        for key, value in projectors.single(i).state_dict().items():
+            torch.testing.assert_close(value, single.state_dict()[key])
+
+
+def test_per_modality_state_dict_still_loads():
+    """A checkpoint of the former per-modality layout (projectors.<m>.branches.<j>.weight ...) loads."""
+    sgf = make_sgf()
+    old_layout = {k: v for k, v in sgf.state_dict().items() if not k.startswith("projectors.")}
+    for i in range(M):
+        old_layout.update({f"projectors.{i}.{k}": v for k, v in sgf.projectors.single(i).state_dict().items()})
+    torch.manual_seed(123)
+    fresh = SemanticGuidedFusion(in_channels=C, num_modalities=M, num_classes=K, num_heads=2)
+    fresh.load_state_dict(old_layout)
+    feats = make_feats(7)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(feats, PATTERNS).fused, sgf(feats, PATTERNS).fused)

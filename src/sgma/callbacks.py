@@ -11,7 +11,8 @@ class RobustnessFeedback(Callback):
     """Feeds each training step's robustness into the MAS sampler's memory and logs what MAS does.
 
     Per step: the per-sample, per-modality mean robustness that the module returns goes into the memory's
-    epoch buffers. Per epoch: the buffers are summed across DDP ranks and folded into the memory (EMA), so
+    epoch buffers, which stay on the training device (no per-step transfer, so the step never waits for the
+    GPU). Per epoch: the buffers are summed across DDP ranks and folded into the memory (EMA), so
     every rank draws the next epoch from the same memory; then the sampler's per-modality probabilities
     (``mas/present_<m>``: chance a drawn pattern holds m, ``mas/fragile_<m>``: share of draws whose most
     fragile modality is m) and the memory's mean relative robustness (``mas/rho_<m>``) are logged.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -12,7 +13,26 @@ from torch import Tensor
 from torchmetrics import MaxMetric
 
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
+from sgma.models.encoder import packing_index
 from sgma.models.segmentor import MultiModalSegmentor
+
+# Lightning warns whenever the LightningModule (not the DataModule) defines on_before_batch_transfer; ours is
+# meant to be the module's (it plans the encoder's packing, a model concern) and the data module has none.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in"
+)
+
+
+def draw_categorical(scores: Tensor) -> Tensor:
+    """One index per row of ``scores`` (..., M), drawn with probability proportional to the score.
+
+    The exponential race, argmax(s_m / E_m) with E_m ~ Exp(1) from the device's global generator: the same
+    law, and the same computation, as ``torch.multinomial(scores, 1)``, whose one-sample path first reads
+    the scores on the host to validate them (a GPU sync per draw). Scores must be finite and >= 0 with a
+    positive entry per row (:meth:`SegmentationModule._fragility` makes them so).
+    """
+    noise = torch.empty_like(scores).exponential_().clamp_min(torch.finfo(scores.dtype).tiny)
+    return (scores / noise).argmax(dim=-1)
 
 
 class SegmentationModule(L.LightningModule):
@@ -26,14 +46,20 @@ class SegmentationModule(L.LightningModule):
     ``s_m = (1/rho_m) / sum_m' (1/rho_m')`` pick one modality, either one for the whole batch
     (``mas_draw=batch``, over the modalities present in the batch, rho averaged over the samples that have
     them) or one per sample (``mas_draw=sample``). That modality is fused and decoded *alone* from the
-    cached encoder features (no second encoder pass) and supervised with its own cross-entropy. Fusions
+    main pass's prepared features (no second encoder pass, no second run of SGF's projectors) and supervised
+    with its own cross-entropy. Fusions
     without robustness maps (mean, concat) use an EMA of each modality's own-branch loss as the fragility
     instead (higher loss = more fragile), so ``s_m`` is proportional to it.
 
     Logged metrics: ``train/loss`` (and ``train/loss_main``, ``train/loss_mas``, ``train/mas/drawn_<m>``,
     ``train/robustness/s<i>/<m>``); for ``val`` and ``test`` per pattern ``{split}/{pattern}/{miou,mf1,oa}``
     and the summaries ``{split}/avg/*``, ``{split}/top1/miou``, ``{split}/last1/miou``,
-    ``{split}/p<prob>/miou``; ``val/avg/miou_best`` tracks the best validation Average.
+    ``{split}/p<prob>/miou``; ``val/avg/miou_best`` tracks the best validation Average. The MAS and
+    robustness means are accumulated on the device and logged once per epoch.
+
+    A non-finite training loss raises ``FloatingPointError`` (the step and the loss, "lower optimizer.lr or
+    check the inputs") at the next check: every ``trainer.log_every_n_steps`` batches, at the epoch's last
+    batch (before its validation) and at the epoch's end.
     """
 
     def __init__(
@@ -85,110 +111,195 @@ class SegmentationModule(L.LightningModule):
         self.mas_loss_momentum = mas_loss_momentum
         # fragility from each modality's own-branch loss, for fusions without robustness maps
         self.register_buffer("mas_loss_ema", torch.ones(len(self.modality_names)))
+        # device-side state of a training epoch (not saved): running sums of the logged means, and the
+        # loss-finiteness guard's first bad step (-1: none yet) with its loss
+        self._epoch_sums: dict[str, tuple[Tensor, Tensor]] = {}
+        self._bad_step: Tensor | None = None
+        self._bad_loss: Tensor | None = None
 
     def forward(self, batch: dict[str, Tensor], *, return_robustness: bool = False):
         inputs = {name: batch[name] for name in self.modality_names}
-        return self.net(inputs, batch["available"], return_robustness=return_robustness)
+        return self.net(
+            inputs, batch["available"], return_robustness=return_robustness, encode_index=batch.get("encode_index")
+        )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Plan the encoder's packing on the host, where the batch's availability is before it moves to the
+        device: with the plan in the batch, no step waits for the GPU to find the available slots."""
+        if isinstance(batch, dict) and isinstance(batch.get("available"), Tensor) and "encode_index" not in batch:
+            batch["encode_index"] = packing_index(batch["available"])
+        return batch
 
     def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
         return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
 
     # training ----------------------------------------------------------------------------------------------
+    # Nothing in a training step reads a tensor value on the host (no .item(), no boolean indexing, no Python
+    # branch on a tensor): the host queues the whole step without waiting for the GPU. Logged MAS and
+    # robustness means accumulate on the device and are read once per epoch; the loss-finiteness guard is a
+    # device flag read every `trainer.log_every_n_steps` steps (see `_check_finite`).
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | None]:
         inputs = {name: batch[name] for name in self.modality_names}
         available, mask = batch["available"], batch["mask"]
         out_size = tuple(mask.shape[-2:])
-        feats = self.net.encode(inputs, available)
-        out = self.net.decode(feats, available, out_size, return_robustness=True)
+        prepared = self.net.features(inputs, available, batch.get("encode_index"))
+        out = self.net.fuse_decode(prepared, available, out_size, return_robustness=True)
         robustness = self._robustness_summary(out.robustness, available)  # (B, M) or None
         loss_main = self.loss(out.logits, mask)
         loss = self.lambda_main * loss_main
         bs = mask.shape[0]
         if self.mas_branch:
-            loss_mas = self._mas_branch(feats, available, mask, out_size, robustness)
+            loss_mas = self._mas_branch(prepared, available, mask, out_size, robustness)
             loss = loss + self.lambda_mas * loss_mas
             self.log("train/loss_main", loss_main, on_step=False, on_epoch=True, batch_size=bs)
             self.log("train/loss_mas", loss_mas, on_step=False, on_epoch=True, batch_size=bs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step}; lower optimizer.lr or check the inputs"
-            )
+        self._watch_loss(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         return {"loss": loss, "robustness": None if robustness is None else robustness.detach()}
 
+    def _accumulate(self, name: str, total: Tensor, count: Tensor) -> None:
+        """Add a step's weighted sum and weight to the epoch's running totals (device tensors, no sync)."""
+        if name in self._epoch_sums:
+            self._epoch_sums[name] = (self._epoch_sums[name][0] + total, self._epoch_sums[name][1] + count)
+        else:
+            self._epoch_sums[name] = (total, count)
+
     def _robustness_summary(self, maps: list[Tensor] | None, available: Tensor) -> Tensor | None:
-        """Mean robustness per sample and modality over space and scales (B, M); logs per-scale means."""
+        """Mean robustness per sample and modality over space and scales (B, M); accumulates the per-scale
+        means of the relative robustness for the epoch's ``train/robustness/s<i>/<m>`` logs."""
         if maps is None:
             return None
         per_scale = torch.stack([m.float().mean(dim=(-2, -1)) for m in maps])  # (S, B, M)
-        k = available.sum(dim=1, keepdim=True).float()  # (B, 1)
-        relative = per_scale * k  # 1 = the average share of this sample's modalities
         seen = available.float()
-        for scale in range(per_scale.shape[0]):
-            for i, name in enumerate(self.modality_names):
-                n = seen[:, i].sum()
-                if n > 0:
-                    value = (relative[scale, :, i] * seen[:, i]).sum() / n
-                    self.log(
-                        f"train/robustness/s{scale + 1}/{name}", value, on_step=False, on_epoch=True, batch_size=int(n)
-                    )
+        k = seen.sum(dim=1, keepdim=True)  # (B, 1)
+        relative = per_scale.detach() * k  # 1 = the average share of this sample's modalities
+        self._accumulate("robustness", (relative * seen).sum(dim=1), seen.sum(dim=0))  # (S, M), (M,)
         return per_scale.mean(dim=0)
 
     def _fragility(self, robustness: Tensor | None, available: Tensor) -> Tensor:
-        """Per-sample fragility (B, M), 0 for missing: 1/rho from robustness maps, else the loss EMA."""
+        """Per-sample fragility (B, M), 0 for missing: 1/rho from robustness maps, else the loss EMA.
+
+        Sanitised so that the draw always sees a valid law: NaN (a diverging run, caught later by the
+        finiteness guard with a clear message) counts as neutral, and every available modality keeps a score
+        in [1e-6, 1e6].
+        """
         if robustness is None:
-            fragility = self.mas_loss_ema.expand_as(available).clone()
+            fragility = self.mas_loss_ema.expand_as(available)
         elif self.mas_draw == "batch":  # rho of each modality averaged over the samples that have it
             relative = robustness * available.sum(dim=1, keepdim=True)
             count = available.sum(dim=0).clamp(min=1)
             batch_rho = (relative * available).sum(dim=0) / count
-            fragility = (1.0 / batch_rho.clamp(min=1e-6)).expand_as(available).clone()
+            fragility = (1.0 / batch_rho.clamp(min=1e-6)).expand_as(available)
         else:
             relative = robustness * available.sum(dim=1, keepdim=True)
             fragility = 1.0 / relative.clamp(min=1e-6)
-        return torch.where(available, fragility, torch.zeros_like(fragility))
+        fragility = torch.nan_to_num(fragility, nan=1.0).clamp(min=1e-6, max=1e6)
+        return fragility.masked_fill(~available, 0)
 
     def _mas_branch(
         self,
-        feats: list[Tensor],
+        prepared: list[Tensor],
         available: Tensor,
         mask: Tensor,
         out_size: tuple[int, int],
         robustness: Tensor | None,
     ) -> Tensor:
-        """Fuse and decode one drawn modality alone from the cached features; return its cross-entropy."""
+        """Fuse and decode one drawn modality alone from the main pass's prepared features; return its
+        cross-entropy.
+
+        Static shapes: with ``mas_draw=batch`` the whole batch is decoded under the drawn modality, and the
+        samples that lack it get weight 0 in the loss (instead of being cut out, which needs their count on
+        the host). Their slot holds a finite, unused value, so they cost compute but never a NaN.
+        """
         fragility = self._fragility(None if robustness is None else robustness.detach(), available)
-        num_modalities = available.shape[1]
+        b, num_modalities = available.shape
         if self.mas_draw == "batch":
             # s_m = (1/rho_m) / sum over the modalities present in the batch
-            scores = fragility.max(dim=0).values
-            chosen = int(torch.multinomial(scores / scores.sum(), 1))
-            rows = available[:, chosen]
-            drawn = torch.full((int(rows.sum()),), chosen, device=mask.device)
-            feats = [f[rows] for f in feats]
-            mask = mask[rows]
+            drawn = draw_categorical(fragility.max(dim=0).values).expand(b)
         else:
-            drawn = torch.multinomial(fragility / fragility.sum(dim=1, keepdim=True), 1).squeeze(1)
-        alone = F.one_hot(drawn, num_modalities).bool()
-        logits = self.net.decode(feats, alone, out_size).logits
-        loss = self.loss(logits, mask)
-        for i, name in enumerate(self.modality_names):
-            self.log(
-                f"train/mas/drawn_{name}",
-                (drawn == i).float().mean(),
-                on_step=False,
-                on_epoch=True,
-                batch_size=drawn.numel(),
-            )
+            drawn = draw_categorical(fragility)
+        alone = drawn.unsqueeze(1) == torch.arange(num_modalities, device=drawn.device)  # (B, M) one-hot
+        rows = (alone & available).any(dim=1).float()  # (B,) samples that have their drawn modality
+        logits = self.net.fuse_decode(prepared, alone, out_size).logits
+        if self.mas_draw == "batch":
+            per_pixel = F.cross_entropy(logits, mask, ignore_index=self.ignore_index, reduction="none")
+            weight = (mask != self.ignore_index).float() * rows.view(-1, 1, 1)
+            loss = (per_pixel * weight).sum() / weight.sum().clamp(min=1)
+        else:
+            loss = self.loss(logits, mask)
+        self._accumulate("mas_drawn", (alone.float() * rows[:, None]).sum(dim=0), rows.sum())
         if robustness is None:  # keep the loss-based fragility of the drawn modalities up to date
             with torch.no_grad():
                 per_pixel = F.cross_entropy(logits.detach(), mask, ignore_index=self.ignore_index, reduction="none")
                 valid = (mask != self.ignore_index).float()
                 per_sample = (per_pixel * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
-                for i in drawn.unique().tolist():
-                    mean_loss = per_sample[drawn == i].mean()
-                    self.mas_loss_ema[i].lerp_(mean_loss, self.mas_loss_momentum)
+                weight = alone.float() * rows[:, None]  # (B, M)
+                count = weight.sum(dim=0)
+                mean_loss = (weight * per_sample[:, None]).sum(dim=0) / count.clamp(min=1)
+                update = (count > 0) & torch.isfinite(mean_loss)
+                self.mas_loss_ema.copy_(
+                    torch.where(update, self.mas_loss_ema.lerp(mean_loss, self.mas_loss_momentum), self.mas_loss_ema)
+                )
         return loss
+
+    # the loss-finiteness guard ------------------------------------------------------------------------------
+    def _watch_loss(self, loss: Tensor) -> None:
+        """Remember (on the device) the first step whose loss is not finite, and that loss."""
+        loss = loss.detach().float()
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = torch.where(bad, self.global_step, self._bad_step)
+        self._bad_loss = torch.where(bad, loss, self._bad_loss)
+
+    def _check_finite(self) -> None:
+        """Raise if a training loss was not finite (one read of a device flag)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"training loss is {float(self._bad_loss)} at step {step}; lower optimizer.lr or check the inputs"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # every log_every_n_steps batches and before the epoch's validation, so that a NaN is reported before
+        # anything downstream (validation metrics, checkpoints, the MAS sampler) sees it
+        every = max(1, int(self.trainer.log_every_n_steps or 1))
+        if (batch_idx + 1) % every == 0 or self.trainer.is_last_batch:
+            self._check_finite()
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums = {}
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite()
+        self._log_epoch_means()
+
+    def _log_epoch_means(self) -> None:
+        """Log the epoch's MAS and robustness means: one transfer from the device for all of them."""
+        if not self._epoch_sums:
+            return
+        names = list(self._epoch_sums)
+        flat = torch.cat([t.detach().float().reshape(-1) for name in names for t in self._epoch_sums[name]]).tolist()
+        values: dict[str, float] = {}
+        for name in names:
+            total, count = self._epoch_sums[name]
+            totals, flat = flat[: total.numel()], flat[total.numel() :]
+            counts, flat = flat[: count.numel()], flat[count.numel() :]
+            if name == "robustness":  # totals (S, M), counts (M,)
+                m = len(self.modality_names)
+                for scale in range(len(totals) // m):
+                    for i, modality in enumerate(self.modality_names):
+                        if counts[i] > 0:
+                            values[f"train/robustness/s{scale + 1}/{modality}"] = totals[scale * m + i] / counts[i]
+            elif name == "mas_drawn" and counts[0] > 0:  # totals (M,), counts ()
+                for i, modality in enumerate(self.modality_names):
+                    values[f"train/mas/drawn_{modality}"] = totals[i] / counts[0]
+        self._epoch_sums = {}
+        if values:
+            self.log_dict(values, on_step=False, on_epoch=True)
 
     # evaluation -----------------------------------------------------------------------------------------
     def _eval_step(self, loop: str, split: str, batch: dict[str, Tensor]) -> None:

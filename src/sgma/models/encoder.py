@@ -113,12 +113,29 @@ class InputAdapter(nn.Module):
         return x.expand(-1, ENCODER_IN_CHANNELS, -1, -1) if self.channels == 1 else x
 
 
+def packing_index(available: Tensor) -> Tensor:
+    """Flat positions ``b * M + m`` of the available (sample, modality) slots, ascending: the encoder's plan.
+
+    Its length is data-dependent, so computing it on a GPU waits for the device (``nonzero``). The training
+    module computes it on the host, where the batch's availability lives before it is moved to the device,
+    and hands it to :meth:`MultiModalEncoder.forward` as ``index``.
+    """
+    if not bool(available.any(dim=1).all()):
+        empty = (~available.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"every sample needs at least one available modality; samples {empty} have none")
+    return available.reshape(-1).nonzero().squeeze(1)
+
+
 class MultiModalEncoder(nn.Module):
     """Encodes each available (sample, modality) pair; returns per-scale features (B, M, C_i, H_i, W_i).
 
     Missing modalities are never encoded (their slots are zeros): this saves the encoder passes for
     them and keeps BatchNorm statistics free of empty inputs. With ``shared=True`` all available pairs go
-    through the single encoder in one batched pass.
+    through the single encoder in one batched pass: the inputs are stacked to (B*M, 3, H, W), the available
+    rows gathered by ``index`` (see :func:`packing_index`), encoded, and scattered back into zeros. Given the
+    index, this has no data-dependent shapes: no device sync, and one ``torch.compile`` graph (the packed
+    batch size is a dynamic dimension). Per-modality encoders (``shared=False``, an ablation) find each
+    modality's rows on the device, which waits for it.
     """
 
     def __init__(
@@ -132,6 +149,9 @@ class MultiModalEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
+        # plain strings: the modalities may arrive as OmegaConf nodes (Hydra instantiate), whose attribute
+        # access is slow and breaks a torch.compile graph
+        self.names = tuple(str(m.name) for m in self.modalities)
         self.shared = shared
         self.adapters = nn.ModuleDict(
             {m.name: InputAdapter(channels=m.channels, mode=input_adapter) for m in self.modalities}
@@ -144,27 +164,34 @@ class MultiModalEncoder(nn.Module):
             channels = next(iter(self.encoders.values())).out_channels
         self.out_channels: list[int] = list(channels[-NUM_SCALES:])
 
-    def forward(self, inputs: Mapping[str, Tensor], available: Tensor) -> list[Tensor]:
-        names = [m.name for m in self.modalities]
+    def forward(self, inputs: Mapping[str, Tensor], available: Tensor, index: Tensor | None = None) -> list[Tensor]:
+        """``index``: :func:`packing_index` of ``available``, computed here (a device sync) when not given."""
+        names = self.names
         first = inputs[names[0]]
         b, h, w = first.shape[0], first.shape[-2], first.shape[-1]
         if h % 32 or w % 32:
             raise ValueError(f"input size {h}x{w} is not a multiple of 32 (needed by the 4-scale encoders)")
+        if not self.shared:
+            return self._forward_per_modality(inputs, available)
+        if index is None:
+            index = packing_index(available)
+        m = len(names)
+        stacked = torch.stack([self.adapters[n](inputs[n]) for n in names], dim=1)  # (B, M, 3, H, W)
+        packed = stacked.flatten(0, 1).index_select(0, index)  # (N available, 3, H, W)
+        out = []
+        for f in self._encode(self.encoder, packed):
+            full = f.new_zeros(b * m, *f.shape[1:]).index_copy(0, index, f)
+            out.append(full.view(b, m, *f.shape[1:]))
+        return out
+
+    def _forward_per_modality(self, inputs: Mapping[str, Tensor], available: Tensor) -> list[Tensor]:
+        names = self.names
+        b = available.shape[0]
         slots = [available[:, i].nonzero(as_tuple=True)[0] for i in range(len(names))]
         present = [i for i, idx in enumerate(slots) if idx.numel()]
-        if self.shared:
-            packed = torch.cat([self.adapters[names[i]](inputs[names[i]][slots[i]]) for i in present])
-            per_modality = list(
-                zip(
-                    *(f.split([slots[i].numel() for i in present]) for f in self._encode(self.encoder, packed)),
-                    strict=True,
-                )
-            )  # per_modality[j] = tuple of scale features of modality present[j]
-        else:
-            per_modality = [
-                self._encode(self.encoders[names[i]], self.adapters[names[i]](inputs[names[i]][slots[i]]))
-                for i in present
-            ]
+        per_modality = [
+            self._encode(self.encoders[names[i]], self.adapters[names[i]](inputs[names[i]][slots[i]])) for i in present
+        ]
         out = []
         for s, c in enumerate(self.out_channels):
             ref = per_modality[0][s]

@@ -7,8 +7,16 @@ influence its output. It returns a :class:`FusionOutput` with the fused map (B, 
 for fusions that estimate it and only when asked, robustness maps (B, M, H, W) that are 0 on missing
 modalities and sum to 1 over the available ones.
 
+A fusion runs in two stages: :meth:`Fusion.prepare` (per-modality work, e.g. SGF's projectors) and
+:meth:`Fusion.fuse`. ``prepare`` treats every (sample, modality) slot on its own, so what it returns for an
+available slot does not depend on which other modalities are available. The MAS training branch relies on
+this: it re-fuses the main pass's prepared inputs under another availability instead of preparing them again.
+
+Fusions run with static shapes and never read tensor values on the host (no ``.item()``, no boolean
+indexing), so a training step does not wait for the GPU and ``torch.compile`` sees one graph.
+
 Fusions are listed by name in :data:`sgma.models.FUSIONS`; ``model.fusion=<name>`` picks one and
-``model.fusion_options`` passes keyword arguments to its constructor.
+``model.fusion_options.<name>`` passes keyword arguments to its constructor.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ class FusionOutput:
 
 
 class Fusion(nn.Module):
-    """Base class: stores the sizes and checks the inputs. Subclasses implement :meth:`fuse`."""
+    """Base class: stores the sizes and checks the inputs. Subclasses implement :meth:`fuse` and may
+    override :meth:`prepare`."""
 
     def __init__(self, *, in_channels: int, num_modalities: int, num_classes: int) -> None:
         super().__init__()
@@ -36,32 +45,51 @@ class Fusion(nn.Module):
         self.out_channels = in_channels
 
     def forward(self, feats: Tensor, available: Tensor, *, return_robustness: bool = False) -> FusionOutput:
-        b, m, c = feats.shape[:3]
-        assert feats.ndim == 5, f"feats must be (B, M, C, H, W), got {tuple(feats.shape)}"
-        assert m == self.num_modalities and c == self.in_channels, (
-            f"expected {self.num_modalities} modalities x {self.in_channels} channels, got {tuple(feats.shape)}"
-        )
-        assert available.shape == (b, m) and available.dtype == torch.bool, (
-            f"available must be bool (B, M) = ({b}, {m}), got {available.dtype} {tuple(available.shape)}"
-        )
-        assert bool(available.any(dim=1).all()), "every sample needs at least one available modality"
-        return self.fuse(feats, available, return_robustness=return_robustness)
+        check_inputs(feats, available, num_modalities=self.num_modalities, channels=self.in_channels)
+        assert_any_available(available)
+        return self.fuse(self.prepare(feats, available), available, return_robustness=return_robustness)
+
+    def prepare(self, feats: Tensor, available: Tensor) -> Tensor:
+        """Per-slot work before fusing. The default passes the features through unchanged."""
+        return feats
 
     def fuse(self, feats: Tensor, available: Tensor, *, return_robustness: bool) -> FusionOutput:
+        """Fuse what :meth:`prepare` returned; whatever the missing slots hold must not matter."""
         raise NotImplementedError
 
 
+def check_inputs(feats: Tensor, available: Tensor, *, num_modalities: int, channels: int) -> None:
+    """Shape and dtype checks: metadata only, no device sync."""
+    assert feats.ndim == 5, f"feats must be (B, M, C, H, W), got {tuple(feats.shape)}"
+    b, m, c = feats.shape[:3]
+    assert m == num_modalities and c == channels, (
+        f"expected {num_modalities} modalities x {channels} channels, got {tuple(feats.shape)}"
+    )
+    assert available.shape == (b, m) and available.dtype == torch.bool, (
+        f"available must be bool (B, M) = ({b}, {m}), got {available.dtype} {tuple(available.shape)}"
+    )
+
+
+def assert_any_available(available: Tensor) -> None:
+    """Every sample needs one available modality, checked on the device with ``torch._assert_async``.
+
+    A host-side ``bool(...)`` would wait for the GPU at every call and break a ``torch.compile`` graph. On
+    CPU this raises at once (RuntimeError); on CUDA a violation is a device-side assert. The training module
+    and the segmentor check the same on the host, where the availability is known before it reaches the GPU.
+    """
+    torch._assert_async(available.any(dim=1).all(), "every sample needs at least one available modality")
+
+
 def zero_missing(feats: Tensor, available: Tensor) -> Tensor:
-    """Replace missing modalities' features by exact zeros (``where``, so NaN/inf garbage cannot leak)."""
-    keep = available[:, :, None, None, None]
-    return torch.where(keep, feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
+    """Replace missing modalities' features by exact zeros (a fill, so NaN/inf garbage cannot leak)."""
+    return feats.masked_fill(~available.view(*available.shape, 1, 1, 1), 0)
 
 
 class MeanFusion(Fusion):
     """Average of the available modalities' features (the paper's plain-fusion ablation baseline)."""
 
     def fuse(self, feats: Tensor, available: Tensor, *, return_robustness: bool) -> FusionOutput:
-        count = available.sum(dim=1).to(feats.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        count = available.sum(dim=1).to(feats.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return FusionOutput(fused=zero_missing(feats, available).sum(dim=1) / count)
 
 

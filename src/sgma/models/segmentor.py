@@ -6,11 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from sgma.modalities import Modality
 from sgma.models import build_fusion
 from sgma.models.encoder import MultiModalEncoder
+from sgma.models.fusion import check_inputs
 from sgma.models.head import SegFormerHead
 
 
@@ -24,8 +26,15 @@ class MultiModalSegmentor(nn.Module):
     """Modalities and classes come from the dataset at the call site; everything else from ``model``
     and ``backbone`` configs.
 
-    :meth:`encode` and :meth:`decode` are separate so a training branch can re-fuse cached encoder
-    features under another availability mask without a second encoder pass.
+    The forward pass is split so a training branch can re-fuse the encoder's work under another availability
+    mask: :meth:`features` (encode + each fusion's per-modality :meth:`~sgma.models.fusion.Fusion.prepare`)
+    and :meth:`fuse_decode` (fusion + head). Neither reads tensor values on the host when the encoder's
+    packing index is given (see :func:`sgma.models.encoder.packing_index`).
+
+    ``compile=True`` wraps both stages in ``torch.compile`` (keyword arguments from ``compile_options``, e.g.
+    ``{backend: aot_eager}`` or ``{mode: max-autotune}``); parameters and state-dict keys stay those of the
+    eager model. ``channels_last=True`` stores the encoder's and the head's conv weights channels-last, which
+    suits tensor cores under bf16 on GPUs.
     """
 
     def __init__(
@@ -41,6 +50,9 @@ class MultiModalSegmentor(nn.Module):
         input_adapter: str = "replicate",
         decoder_channels: int = 256,
         dropout: float = 0.1,
+        compile: bool = False,
+        compile_options: Mapping | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
@@ -65,15 +77,66 @@ class MultiModalSegmentor(nn.Module):
             channels=decoder_channels,
             dropout=dropout,
         )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
+        self.compiled = bool(compile)
+        if self.compiled:  # instance attributes shadow the methods; the parameters stay the module's own
+            options = dict(compile_options or {})
+            self.features = torch.compile(self.features, **options)
+            self.fuse_decode = torch.compile(self.fuse_decode, **options)
 
     def forward(
-        self, inputs: Mapping[str, Tensor], available: Tensor, *, return_robustness: bool = False
+        self,
+        inputs: Mapping[str, Tensor],
+        available: Tensor,
+        *,
+        return_robustness: bool = False,
+        encode_index: Tensor | None = None,
     ) -> SegmentorOutput:
-        out_size = tuple(inputs[self.modalities[0].name].shape[-2:])
-        return self.decode(self.encode(inputs, available), available, out_size, return_robustness=return_robustness)
+        out_size = tuple(inputs[self.encoder.names[0]].shape[-2:])
+        prepared = self.features(inputs, available, encode_index)
+        return self.fuse_decode(prepared, available, out_size, return_robustness=return_robustness)
 
-    def encode(self, inputs: Mapping[str, Tensor], available: Tensor) -> list[Tensor]:
-        return self.encoder(inputs, available)
+    def features(
+        self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
+    ) -> list[Tensor]:
+        """Encoder features of every scale, prepared for fusion (e.g. SGF's modality tokens)."""
+        return self.prepare(self.encode(inputs, available, encode_index), available)
+
+    def encode(
+        self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
+    ) -> list[Tensor]:
+        if self.channels_last:
+            inputs = {k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()}
+        return self.encoder(inputs, available, encode_index)
+
+    def prepare(self, feats: Sequence[Tensor], available: Tensor) -> list[Tensor]:
+        out = []
+        for fusion, f in zip(self.fusion, feats, strict=True):
+            check_inputs(f, available, num_modalities=fusion.num_modalities, channels=fusion.in_channels)
+            out.append(fusion.prepare(f, available))
+        return out
+
+    def fuse_decode(
+        self,
+        prepared: Sequence[Tensor],
+        available: Tensor,
+        out_size: tuple[int, int],
+        *,
+        return_robustness: bool = False,
+    ) -> SegmentorOutput:
+        """Fuse prepared features under ``available`` (every sample needs one available modality; not checked
+        here, as that would wait for the device) and decode."""
+        fused, robustness = [], []
+        for fusion, p in zip(self.fusion, prepared, strict=True):
+            out = fusion.fuse(p, available, return_robustness=return_robustness)
+            fused.append(out.fused)
+            robustness.append(out.robustness)
+        logits = self.head(fused, out_size=out_size)
+        has_maps = return_robustness and all(r is not None for r in robustness)
+        return SegmentorOutput(logits=logits, robustness=robustness if has_maps else None)
 
     def decode(
         self,
@@ -83,11 +146,6 @@ class MultiModalSegmentor(nn.Module):
         *,
         return_robustness: bool = False,
     ) -> SegmentorOutput:
-        fused, robustness = [], []
-        for fusion, f in zip(self.fusion, feats, strict=True):
-            out = fusion(f, available, return_robustness=return_robustness)
-            fused.append(out.fused)
-            robustness.append(out.robustness)
-        logits = self.head(fused, out_size=out_size)
-        has_maps = return_robustness and all(r is not None for r in robustness)
-        return SegmentorOutput(logits=logits, robustness=robustness if has_maps else None)
+        """Fuse and decode encoder features (:meth:`prepare` then :meth:`fuse_decode`)."""
+        prepared = self.prepare(feats, available)
+        return self.fuse_decode(prepared, available, out_size, return_robustness=return_robustness)

@@ -1,0 +1,588 @@
+"""Step benchmark: what a training step and an inference pass cost per preset, against the baseline.
+
+Answers "is SGF + MAS close to the baseline's cost, and does the step keep the device busy?" (issue #10). For
+every (backbone, crop x batch) it builds each preset the way ``train.py`` does (Hydra compose of ``conf/``
+with ``model=<preset>``, ``backbone.name=...``, ``backbone.pretrained=false``, random init, nothing
+downloaded) on the synthetic dataset's 3 modalities, and measures on random inputs whose modality patterns
+are drawn uniformly per sample (the same batches for every preset):
+
+- **train**: ``SegmentationModule.training_step`` + backward + optimizer step (AdamW as configured,
+  ``optimizer.fused`` included), under autocast for ``--precision bf16`` as Lightning's ``bf16-mixed`` does.
+  No Trainer is attached, so Lightning's own logging work is not in the figures.
+- **infer**: ``model.eval()`` + ``torch.inference_mode()``, one forward with every modality available.
+
+Per phase and preset:
+
+- ``ms``: median wall time per step over ``--iters`` steps after ``--warmup`` (CUDA: CUDA events, the step
+  ends with a synchronize; CPU: ``perf_counter``).
+- ``host ms``: CUDA: median time the host needs to queue the step (``perf_counter`` from the start until the
+  last call returns, before synchronizing); CPU: process CPU time (all threads, ``time.process_time``).
+- ``device ms`` (CUDA only): GPU busy time of one profiled step, the sum of its kernels' device time
+  (``torch.profiler``). Host ms above device ms means the GPU waits for the host.
+- ``peak MB``: extra memory one step needs above what was allocated before it. CUDA:
+  ``max_memory_allocated``; CPU: the resident-set high-water mark (``VmHWM`` after resetting it through
+  ``/proc/self/clear_refs``) minus ``VmRSS`` before the step; ``-`` where the kernel does not offer it.
+- ``syncs``: host-device synchronisations in one step. CUDA: warnings of ``torch.cuda.set_sync_debug_mode``.
+  CPU (no device to wait for): dispatched ops that would synchronise on a GPU (``_local_scalar_dense``,
+  i.e. ``.item()``/``bool()``/``int()`` of a tensor; ``nonzero``; ``multinomial``; ``masked_select``;
+  ``unique``; indexing with a boolean mask), counted with a ``TorchDispatchMode``. Train counts cover
+  training_step + backward + optimizer step.
+- ``ops``: aten ops dispatched in one step (``TorchDispatchMode`` counter; train: training_step + backward,
+  the optimizer step is reported apart as ``opt ops``). Works on any device.
+- ``x``: the ratio to the baseline preset of the same backbone and size, in the same run.
+- ``other load`` (CPU runs): cores used by other processes during the timed steps (``/proc/stat``); on a
+  shared machine, rows with a high value have unreliable times. Ops and syncs do not depend on it.
+
+The train table's ``syncs`` column reads ``<in training_step>/<in the whole step>``.
+
+Usage::
+
+    .venv/bin/python scripts/bench_step.py --device cpu --size 64 --batch 4 --backbones mit_b0   # CPU, quick
+    python scripts/bench_step.py --device cuda --precision bf16                                 # the GPU table
+    python scripts/bench_step.py --device cuda --precision bf16 --compile --backbones tu-pvt_v2_b2
+    .venv/bin/python scripts/bench_step.py --counts-only --size 64 --batch 4 --backbones mit_b0 --out x.json
+
+Imports nothing beyond torch, lightning, hydra/omegaconf and the model's own dependencies (no wandb), so it
+runs on a bare GPU machine with ``PYTHONPATH=src:<copied site-packages>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+PRESETS = ("baseline", "sgf_only", "sgma")
+BACKBONES = ("mit_b0", "tu-pvt_v2_b2")
+SHAPES = ((512, 8), (1024, 2))
+
+# ops that make the host wait for a GPU (on CPU they are counted instead of observed)
+SYNC_OPS = {
+    "aten._local_scalar_dense",  # .item(), bool(t), int(t), float(t), t.tolist() element-wise
+    "aten.item",  # seen instead of the above where composite ops are dispatched whole (inference mode)
+    "aten.is_nonzero",  # bool(t)
+    "aten.equal",
+    "aten.nonzero",
+    "aten.nonzero_numpy",  # nonzero(as_tuple=True)
+    "aten.argwhere",
+    "aten.masked_select",
+    "aten.bincount",
+    "aten.multinomial",  # its one-sample path validates the probabilities on the host
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+}
+BOOL_INDEXING_OPS = {"aten.index", "aten.index_put", "aten.index_put_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops dispatched while active, and among them those that synchronise on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.syncs: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if name in SYNC_OPS or (name in BOOL_INDEXING_OPS and _has_bool_index(args)):
+            self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings(device: torch.device) -> Iterator[list]:
+    """Record the warnings of ``torch.cuda.set_sync_debug_mode('warn')`` (one per synchronising call)."""
+    records: list = []
+    if device.type != "cuda":
+        yield records
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield records
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    records.extend(w for w in caught if "synchroniz" in str(w.message).lower())
+
+
+# memory ------------------------------------------------------------------------------------------------------
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy so far (``/proc/stat``; steal time counts as busy)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Cores used by everything but this process while active (a shared CPU box makes timings unreliable)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.busy, self.own, self.wall = _busy_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = _busy_seconds()
+        wall = time.perf_counter() - self.wall
+        if busy is None or self.busy is None or wall <= 0:
+            self.value = None
+        else:
+            self.value = max(0.0, (busy - self.busy) - (time.process_time() - self.own)) / wall
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """Extra memory of one step above what was allocated before it, in MB (None where not measurable)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.value: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            gc.collect()
+            self.ok = _reset_rss_peak()
+            self.before = _proc_status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.value = (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        elif self.ok and self.before is not None:
+            peak = _proc_status_kb("VmHWM")
+            self.value = None if peak is None else max(0, peak - self.before) / 1024
+
+
+# the model and the batches -------------------------------------------------------------------------------------
+def build(preset: str, backbone: str, size: int, batch: int, args: argparse.Namespace):
+    """The LightningModule of ``preset`` as train.py builds it, and its optimizer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sgma.config import CONFIG_DIR, register_configs
+    from sgma.tasks import build_datamodule, build_module
+
+    overrides = [
+        f"model={preset}",
+        f"backbone.name={backbone}",
+        "backbone.pretrained=false",
+        f"dataset.size={size}",
+        f"data.batch_size={batch}",
+        *args.override,
+    ]
+    # only when asked: a checkout from before these options (for before/after comparisons) lacks the keys
+    if args.compile:
+        overrides.append("model.compile=true")
+    if args.compile_backend:
+        overrides.append(f"++model.compile_options.backend={args.compile_backend}")
+    if args.channels_last:
+        overrides.append("model.channels_last=true")
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    torch.manual_seed(0)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm).to(args.device)
+    optimizer = module.optimizer_factory(params=module.parameters())
+    return module, optimizer, dm
+
+
+def make_batches(dm, size: int, batch: int, count: int, device: torch.device, module) -> list[dict]:
+    """``count`` random batches, patterns uniform over the non-empty ones per sample, moved to ``device``
+    after the module's host-side preparation (as Lightning does)."""
+    g = torch.Generator().manual_seed(1234)
+    modalities = dm.modalities
+    masks = dm.dataset("train").masks  # (P, M) bool
+    batches = []
+    for _ in range(count):
+        pattern = torch.randint(len(masks), (batch,), generator=g)
+        available = masks[pattern]
+        sample = {}
+        for i, m in enumerate(modalities):
+            x = torch.randn(batch, m.channels, size, size, generator=g)
+            sample[m.name] = x * available[:, i].view(-1, 1, 1, 1)  # missing: zeros, as the dataset does
+        sample["mask"] = torch.randint(dm.num_classes, (batch, size, size), generator=g)
+        sample["available"] = available
+        sample["pattern"] = pattern
+        sample["index"] = torch.arange(batch)
+        sample = module.on_before_batch_transfer(sample, 0)
+        batches.append({k: v.to(device, non_blocking=True) for k, v in sample.items()})
+    return batches
+
+
+def full_batch(batch: dict, module) -> dict:
+    """The same inputs with every modality available (inference phase)."""
+    out = {k: v.clone() for k, v in batch.items() if k != "encode_index"}
+    out["available"] = torch.ones_like(out["available"])
+    cpu = {k: v.cpu() for k, v in out.items()}
+    return {k: v.to(batch["available"].device) for k, v in module.on_before_batch_transfer(cpu, 0).items()}
+
+
+# timing ------------------------------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    ms: float = float("nan")
+    host_ms: float = float("nan")
+    device_ms: float | None = None
+    peak_mb: float | None = None
+    syncs: int = 0
+    sync_ops: dict = field(default_factory=dict)
+    other_load: float | None = None  # CPU runs: cores used by other processes during the timed steps
+    ops: int = 0  # forward + backward
+    opt_ops: int = 0  # optimizer step
+    step_ops: int = 0  # forward alone (training_step for train)
+    step_syncs: int = 0
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Step:
+    """One phase's step in three parts, so the counters can tell them apart: ``forward`` (training_step or
+    the inference forward), ``backward`` and ``update`` (the optimizer step)."""
+
+    def forward(self, batch: dict):
+        raise NotImplementedError
+
+    def backward(self, state) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+    def __call__(self, batch: dict) -> None:
+        self.backward(self.forward(batch))
+        self.update()
+
+
+class TrainStep(Step):
+    def __init__(self, module, optimizer, device: torch.device, precision: str) -> None:
+        self.module, self.optimizer, self.device, self.precision = module.train(), optimizer, device, precision
+
+    def forward(self, batch: dict):
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            return self.module.training_step(batch, 0)["loss"]
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def update(self) -> None:
+        self.optimizer.step()
+
+
+class InferStep(Step):
+    def __init__(self, module, device: torch.device, precision: str) -> None:
+        self.module, self.device, self.precision = module.eval(), device, precision
+
+    def forward(self, batch: dict):
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.module(batch)
+
+
+def measure(step: Step, batches: list[dict], device: torch.device, args: argparse.Namespace) -> Phase:
+    phase = Phase()
+    cuda = device.type == "cuda"
+    for batch in batches[: args.warmup]:
+        step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    timed = batches[args.warmup : args.warmup + args.iters]
+    if not args.counts_only:
+        walls, hosts = [], []
+        load = OtherLoad().__enter__()
+        for batch in timed:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                start.record()
+                step(batch)
+                end.record()
+                hosts.append((time.perf_counter() - t0) * 1e3)
+                end.synchronize()
+                walls.append(start.elapsed_time(end))
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(batch)
+                walls.append((time.perf_counter() - t0) * 1e3)
+                hosts.append((time.process_time() - c0) * 1e3)
+        load.__exit__()
+        phase.ms, phase.host_ms = statistics.median(walls), statistics.median(hosts)
+        phase.other_load = None if cuda else load.value
+        if cuda:
+            phase.device_ms = profiled_device_ms(step, timed[0])
+        with PeakMemory(device) as peak:
+            step(timed[0])
+        phase.peak_mb = peak.value
+    # counts: one more step under the counters (slow, not timed), each part on its own
+    counters, cuda_syncs = [], []
+    state = timed[0]
+    for part in (step.forward, step.backward, lambda _: step.update()):
+        counter = OpCounter()
+        with cuda_sync_warnings(device) as sync_warnings, counter:
+            state = part(state)
+        if cuda:
+            torch.cuda.synchronize()
+        counters.append(counter)
+        cuda_syncs.append(len(sync_warnings))
+    fwd, bwd, upd = counters
+    phase.ops, phase.opt_ops, phase.step_ops = fwd.total + bwd.total, upd.total, fwd.total
+    counted = [sum(c.syncs.values()) for c in counters]
+    phase.syncs = sum(cuda_syncs) if cuda else sum(counted)
+    phase.step_syncs = cuda_syncs[0] if cuda else counted[0]
+    phase.sync_ops = dict(fwd.syncs + bwd.syncs + upd.syncs)
+    return phase
+
+
+def profiled_device_ms(step: Step, batch: dict) -> float:
+    """GPU busy time of one step: the sum of its kernels' device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
+# the run -------------------------------------------------------------------------------------------------------
+def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    module, optimizer, dm = build(preset, backbone, size, batch, args)
+    batches = make_batches(dm, size, batch, args.warmup + max(args.iters, 1), device, module)
+    result = {"preset": preset, "backbone": backbone, "size": size, "batch": batch}
+    if "train" in args.phases:
+        result["train"] = measure(TrainStep(module, optimizer, device, args.precision), batches, device, args)
+        if hasattr(module, "_check_finite"):  # (a checkout from before the guard has none)
+            module._check_finite()  # a diverging random-init step would make the figures meaningless
+    if "infer" in args.phases:
+        full = [full_batch(b, module) for b in batches]
+        result["infer"] = measure(InferStep(module, device, args.precision), full, device, args)
+    del module, optimizer, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+RATIO_KEYS = ("ms", "host_ms", "device_ms", "peak_mb", "ops")
+
+
+def add_ratios(results: list[dict]) -> None:
+    """x-baseline ratios for every metric, against the baseline preset of the same backbone and size."""
+    base = {(r["backbone"], r["size"], r["batch"]): r for r in results if r["preset"] == "baseline"}
+    for r in results:
+        ref = base.get((r["backbone"], r["size"], r["batch"]))
+        for phase in ("train", "infer"):
+            if phase not in r:
+                continue
+            ratios = {}
+            for key in RATIO_KEYS:
+                value = getattr(r[phase], key)
+                ref_value = getattr(ref[phase], key) if ref is not None and phase in ref else None
+                ok = value is not None and ref_value and value == value and ref_value == ref_value
+                ratios[key] = value / ref_value if ok else None
+            r[f"{phase}_x"] = ratios
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    lines = []
+    titles = {"train": "training step (training_step + backward + optimizer step)", "infer": "inference"}
+    for phase, title in titles.items():
+        rows = [r for r in results if phase in r]
+        if not rows:
+            continue
+        lines += [f"**{title}**", ""]
+        head = "| backbone | crop x batch | preset | ms | x | host ms | device ms | peak MB | x | syncs | ops | x |"
+        if phase == "train":
+            head += " opt ops |"
+        head += " other load |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            p, x = r[phase], r[f"{phase}_x"]
+            cells = [
+                r["backbone"],
+                f"{r['size']} x {r['batch']}",
+                r["preset"],
+                fmt(p.ms),
+                fmt(x["ms"], 2),
+                fmt(p.host_ms),
+                fmt(p.device_ms),
+                fmt(p.peak_mb, 0),
+                fmt(x["peak_mb"], 2),
+                f"{p.step_syncs}/{p.syncs}" if phase == "train" else str(p.syncs),
+                str(p.ops),
+                fmt(x["ops"], 2),
+            ]
+            if phase == "train":
+                cells.append(str(p.opt_ops))
+            cells.append(fmt(p.other_load, 2))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace) -> dict:
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "precision": args.precision,
+        "compile": args.compile,
+        "compile_backend": args.compile_backend,
+        "channels_last": args.channels_last,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "overrides": args.override,
+    }
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets")
+    parser.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated encoder names")
+    parser.add_argument("--shapes", default=",".join(f"{s}x{b}" for s, b in SHAPES), help="crop x batch list")
+    parser.add_argument("--size", type=int, help="one crop size instead of --shapes (with --batch)")
+    parser.add_argument("--batch", type=int, help="one batch size instead of --shapes (with --size)")
+    parser.add_argument("--phases", default="train,infer", help="train, infer or both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--compile", action="store_true", help="model.compile=true")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
+    parser.add_argument("--channels-last", action="store_true", help="model.channels_last=true")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--counts-only", action="store_true", help="skip timing and memory; op and sync counts")
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if (args.size is None) != (args.batch is None):
+        parser.error("--size and --batch go together")
+    if args.size is not None:
+        args.shape_list = [(args.size, args.batch)]
+    else:
+        try:
+            args.shape_list = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            parser.error(f"--shapes must look like 512x8,1024x2, got {args.shapes!r}")
+    args.phases = [p for p in args.phases.split(",") if p]
+    if not set(args.phases) <= {"train", "infer"} or not args.phases:
+        parser.error(f"--phases takes train, infer or both, got {args.phases}")
+    if args.warmup < 1 or args.iters < 1:
+        parser.error("--warmup and --iters must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
+        # glibc keeps freed buffers in its heap, which hides a step's peak from the RSS high-water mark; with
+        # a fixed mmap threshold every large buffer is its own mapping, returned to the OS when freed
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Lightning warns once per module that self.log() has no Trainer here; the logged values are not needed
+    warnings.filterwarnings("ignore", message=r".*self\.log\(\).*trainer.*", category=UserWarning)
+    presets = [p for p in args.presets.split(",") if p]
+    if "baseline" not in presets:
+        presets.insert(0, "baseline")  # every ratio is against it
+    results = []
+    started = time.perf_counter()
+    for backbone in [b for b in args.backbones.split(",") if b]:
+        for size, batch in args.shape_list:
+            for preset in presets:
+                print(f"# {backbone} {size}x{batch} {preset} ...", file=sys.stderr, flush=True)
+                results.append(run_case(preset, backbone, size, batch, args))
+    add_ratios(results)
+    env = environment(args) | {"seconds": round(time.perf_counter() - started, 1)}
+    print(
+        f"device: {env.get('gpu', platform.processor() or env['machine'])}, torch {env['torch']}, "
+        f"precision {args.precision}, compile {args.compile}, channels_last {args.channels_last}, "
+        f"{args.warmup} warm-up + {args.iters} timed steps, {env['seconds']} s\n"
+    )
+    print(markdown(results, args))
+    if args.out:
+        payload = {"environment": env, "results": [_plain(r) for r in results]}
+        args.out.write_text(json.dumps(payload, indent=1))
+    return results
+
+
+def _plain(result: dict) -> dict:
+    return {k: (vars(v) if isinstance(v, Phase) else v) for k, v in result.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""GPU-speed guarantees that CI checks on CPU: counts, not timings (issue #10).
+
+- No training step of any preset reads a tensor value on the host (what would make the host wait for a GPU):
+  counted as dispatched ops that synchronise on CUDA (``.item()``/``bool()`` = ``_local_scalar_dense``,
+  ``nonzero``, ``multinomial``, boolean-mask indexing, ...). ``scripts/bench_step.py`` counts the same way.
+- Few ops: SGMA's training step and SGF's inference stay within the issue's op-count budgets.
+- ``torch.compile`` sees one graph per model forward for every fusion (``fullgraph=True``, backend
+  ``eager``: dynamo's tracing is what is checked, without paying for code generation).
+- A diverging run stops with the clear FloatingPointError, whatever the preset.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import bind_to, compose_config
+from sgma.models import FUSIONS
+from sgma.tasks import build_datamodule, build_module, train
+
+# training_step is called without a Trainer here, so Lightning says once per module that self.log() has none
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
+
+PRESETS = ["baseline", "muss", "sgf_only", "mas_only", "sgma"]
+SYNC_OPS = {  # what makes the host wait for a GPU: .item()/bool()/int() of a tensor, data-dependent sizes
+    "aten._local_scalar_dense",
+    "aten.item",  # seen instead of the above where composite ops are dispatched whole (inference mode)
+    "aten.is_nonzero",  # bool(t)
+    "aten.equal",
+    "aten.nonzero",
+    "aten.nonzero_numpy",  # nonzero(as_tuple=True)
+    "aten.argwhere",
+    "aten.masked_select",
+    "aten.bincount",
+    "aten.multinomial",  # its one-sample path validates the probabilities on the host
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+}
+
+
+class Dispatches(TorchDispatchMode):
+    """Counts dispatched aten ops, and among them those that would make the host wait for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops += 1
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+        )
+        if name in SYNC_OPS or bool_index:
+            self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _module(tmp_path: Path, preset: str, *overrides: str):
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", f"model={preset}", *overrides]), tmp_path)
+    torch.manual_seed(0)
+    dm = build_datamodule(cfg)
+    return dm, build_module(cfg, dm)
+
+
+def _batch(dm, module, pattern_ids: list[int]) -> dict[str, torch.Tensor]:
+    """A training batch as Lightning hands it to training_step (after the module's host-side hook)."""
+    data = dm.dataset("train")
+    samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return module.on_before_batch_transfer(batch, 0)
+
+
+MIXED = [6, 3, 1, 0]  # rgb+nir+dsm, rgb+nir, nir, rgb: 1 to 3 modalities in one batch
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [(p, ()) for p in PRESETS] + [("sgma", ("mas.draw=sample",)), ("mas_only", ("mas.draw=sample",))],
+    ids=[*PRESETS, "sgma-sample", "mas_only-sample"],
+)
+def test_training_step_never_waits_for_the_device(tmp_path, preset, overrides):
+    dm, module = _module(tmp_path, preset, *overrides)
+    module.train()
+    batch = _batch(dm, module, MIXED)
+    step, backward = Dispatches(), Dispatches()
+    with step:
+        out = module.training_step(batch, 0)
+    with backward:
+        out["loss"].backward()
+    assert step.ops > 0 and backward.ops > 0
+    assert not step.syncs, f"{preset}: training_step synchronises: {dict(step.syncs)}"
+    assert not backward.syncs, f"{preset}: backward synchronises: {dict(backward.syncs)}"
+
+
+def test_op_counts_within_the_budget(tmp_path):
+    """mit_b0, 64 px, batch 4: SGMA's training_step + backward <= 2.0 x the baseline's; SGF inference (every
+    modality available) <= 1.5 x the baseline's."""
+    train_ops, infer_ops = {}, {}
+    for preset in ("baseline", "sgma"):
+        dm, module = _module(tmp_path / preset, preset)
+        module.train()
+        batch = _batch(dm, module, MIXED)
+        counter = Dispatches()
+        with counter:
+            module.training_step(batch, 0)["loss"].backward()
+        train_ops[preset] = counter.ops
+        full = _batch(dm, module, [len(dm.patterns) - 1] * 4)
+        module.eval()
+        counter = Dispatches()
+        with torch.inference_mode(), counter:
+            module(full)
+        infer_ops[preset] = counter.ops
+    assert train_ops["sgma"] <= 2.0 * train_ops["baseline"], train_ops
+    assert infer_ops["sgma"] <= 1.5 * infer_ops["baseline"], infer_ops  # sgma's inference is SGF's
+
+
+@pytest.mark.parametrize(("preset", "fusion"), [("baseline", "mean"), ("muss", "concat"), ("sgf_only", "sgf")])
+def test_model_forward_is_one_graph(tmp_path, preset, fusion):
+    """fullgraph=True raises at the first graph break (a host read, data-dependent shapes, an unsupported call).
+    The model is built from the config, as train.py builds it (its modalities arrive as OmegaConf nodes)."""
+    dm, module = _module(tmp_path, preset)
+    net = module.net
+    assert type(net.fusion[0]) is FUSIONS[fusion]
+    batch = _batch(dm, module, MIXED)
+    x = {name: batch[name] for name in module.modality_names}
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.manual_seed(1)  # training mode: dropout and stochastic depth draw the same numbers in both runs
+    expected = net(x, batch["available"], encode_index=batch["encode_index"], return_robustness=True)
+    torch.manual_seed(1)
+    out = compiled(x, batch["available"], encode_index=batch["encode_index"], return_robustness=True)
+    torch.testing.assert_close(out.logits, expected.logits)
+    assert (out.robustness is None) == (fusion != "sgf")
+
+
+def test_train_with_model_compile(tmp_path):
+    """model.compile=true through train(): the compiled stages run in training (the MAS branch re-fusing
+    the prepared features under its own availability included), validation and test. SGF's graph is
+    checked above; mean fusion keeps dynamo's tracing short here."""
+    overrides = ["debug=tiny", "logger=csv", "model=mas_only", "model.compile=true"]
+    cfg = bind_to(compose_config("train", [*overrides, "++model.compile_options.backend=eager"]), tmp_path)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    metrics, objects = train(cfg)
+    assert objects["module"].net.compiled
+    assert 0 <= metrics["test/avg/miou"] <= 1
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled stages did run
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_nan_inputs_raise_the_clear_error_and_nothing_else(tmp_path, preset):
+    """NaN in a step's inputs: the step, its backward and the MAS draw go through, and the guard names it."""
+    dm, module = _module(tmp_path, preset)
+    module.train()
+    batch = _batch(dm, module, MIXED)
+    batch["rgb"] = torch.full_like(batch["rgb"], float("nan"))
+    module.on_train_epoch_start()
+    module.training_step(batch, 0)["loss"].backward()
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0; lower optimizer.lr or check"):
+        module.on_train_epoch_end()
+
+
+def test_diverging_run_stops_with_the_clear_error(tmp_path):
+    """lr=1e6 through the real Trainer (model=sgma, where torch.multinomial used to fail first)."""
+    cfg = bind_to(
+        compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "optimizer.lr=1e6", "test=false"]),
+        tmp_path,
+    )
+    with open_dict(cfg):
+        cfg.dataset.splits.train.num_samples = 16
+    with pytest.raises(FloatingPointError, match=r"training loss is \S+ at step [1-3]; lower optimizer.lr or check"):
+        train(cfg)
