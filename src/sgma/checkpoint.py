@@ -237,3 +237,20 @@ def _weights_only_allowed() -> set[str]:
         return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
     except (ImportError, AttributeError):
         return set()
+
+
+# the key under which train.py stores the run config and dataset facts in every checkpoint
+CHECKPOINT_KEY = "sgma"
+
+
+def load_checkpoint(path: str | None) -> dict:
+    """A checkpoint written by sgma's train.py, loaded without running any code in it (``weights_only=True``)."""
+    if path is None:
+        raise ValueError("ckpt_path=PATH is required: a checkpoint written by train.py (e.g. checkpoints/last.ckpt)")
+    ckpt = load_checkpoint_safely(path, what="ckpt_path")
+    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"checkpoint ckpt_path={str(path)!r} has no stored sgma config; only checkpoints written by this "
+            f"project's train.py can be used by eval.py, predict.py and the notebook"
+        )
+    return ckpt

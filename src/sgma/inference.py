@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sgma.builders import build_datamodule, build_module, device_for
+from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint
 from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
@@ -614,7 +616,6 @@ def predict(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf, open_dict
 
     from sgma.modalities import canonical_pattern, format_pattern
-    from sgma.tasks import CHECKPOINT_KEY, _device, build_datamodule, build_module, load_checkpoint
     from sgma.utils import instantiate
 
     if not cfg.get("input"):
@@ -670,7 +671,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     del ckpt
     inputs = normalise_inputs(raw, modalities, available)
     del raw, nodata_masks
-    net = net.to(_device(cfg.trainer.accelerator)).eval()
+    net = net.to(device_for(cfg.trainer.accelerator)).eval()
     result = sliding_window_logits(
         net,
         inputs,

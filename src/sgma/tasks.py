@@ -1,8 +1,7 @@
 """``train(cfg)`` and ``evaluate(cfg)``: the tasks behind the root ``train.py`` and ``eval.py``.
 
 Both are plain functions of a composed Hydra config, so tests call them directly. Objects are built in one
-place (:func:`build_datamodule`, :func:`build_module`) so a checkpoint's stored config rebuilds exactly the
-trained model.
+place (:mod:`sgma.builders`) so a checkpoint's stored config rebuilds exactly the trained model.
 """
 
 from __future__ import annotations
@@ -14,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sgma
+from sgma.builders import build_datamodule, build_module, device_for
 from sgma.callbacks import RobustnessFeedback
-from sgma.checkpoint import CheckpointError, checkpoint_file, load_checkpoint_safely
+from sgma.checkpoint import CHECKPOINT_KEY, checkpoint_file, load_checkpoint, load_checkpoint_safely
 from sgma.data.datamodule import MultiModalDataModule
+from sgma.inference import evaluate_full_tiles, tiled_base
 from sgma.module import SegmentationModule
 from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
 from sgma.reporting import print_table, write_report
@@ -32,45 +32,6 @@ log = logging.getLogger("sgma")
 
 # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates; harmless, and fixed upstream in Lightning.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=Warning)
-
-CHECKPOINT_KEY = "sgma"
-
-
-def build_datamodule(cfg: DictConfig) -> MultiModalDataModule:
-    data = cfg.data
-    return MultiModalDataModule(
-        dataset=instantiate(cfg.dataset.builder),
-        splits=OmegaConf.to_container(cfg.dataset.splits, resolve=True),
-        missing=instantiate(cfg.missing),
-        batch_size=data.batch_size,
-        eval_batch_size=data.get("eval_batch_size"),
-        num_workers=data.num_workers,
-        pin_memory=data.get("pin_memory", False),
-        val_patterns=data.val_patterns,
-        test_patterns=data.test_patterns,
-        seed=cfg.seed,
-        sampler=data.get("sampler", "random"),
-        mas_options=OmegaConf.to_container(data.mas, resolve=True) if data.get("mas") else None,
-    )
-
-
-def build_module(cfg: DictConfig, dm: MultiModalDataModule) -> SegmentationModule:
-    # dataset facts flow to the model here, never as literals in configs
-    net = instantiate(cfg.model, modalities=dm.modalities, num_classes=dm.num_classes)
-    return SegmentationModule(
-        net=net,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        patterns=dm.patterns,
-        class_names=dm.classes,
-        exclude_classes=cfg.dataset.get("exclude_classes") or [],
-        missing_probs=cfg.eval.missing_probs,
-        mas_branch=cfg.mas.branch,
-        lambda_main=cfg.mas.lambda_main,
-        lambda_mas=cfg.mas.lambda_mas,
-        mas_draw=cfg.mas.draw,
-        mas_loss_momentum=cfg.mas.loss_momentum,
-    )
 
 
 def resolved_dict(cfg: DictConfig) -> dict:
@@ -225,35 +186,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"cfg": cfg, "datamodule": dm, "module": module, "trainer": trainer}
 
 
-def load_checkpoint(path: str | None) -> dict:
-    """A checkpoint written by sgma's train.py, loaded without running any code in it (``weights_only=True``)."""
-    if path is None:
-        raise ValueError("ckpt_path=PATH is required: a checkpoint written by train.py (e.g. checkpoints/last.ckpt)")
-    ckpt = load_checkpoint_safely(path, what="ckpt_path")
-    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(
-            f"checkpoint ckpt_path={str(path)!r} has no stored sgma config; only checkpoints written by this "
-            f"project's train.py can be used by eval.py, predict.py and the notebook"
-        )
-    return ckpt
-
-
-def _device(accelerator: str | None) -> torch.device:
-    """The torch device for a Lightning ``accelerator`` name (``auto``: CUDA when available)."""
-    name = str(accelerator or "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.accelerator={name} but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device(name)
-
-
 def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: SegmentationModule, split: str, patterns):
     """``eval.full_tile=true``: score every pattern on whole tiles by sliding window (see :mod:`sgma.inference`)."""
-    from sgma.inference import evaluate_full_tiles, tiled_base
-
     base = tiled_base(dm.dataset(split))
     if base is None:
         raise ValueError(
@@ -261,7 +195,7 @@ def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: Segment
             f"{type(dm.dataset(split).base).__name__} serves fixed-size samples only: "
             f"evaluate it without eval.full_tile"
         )
-    net = module.net.to(_device(cfg.trainer.accelerator)).eval()
+    net = module.net.to(device_for(cfg.trainer.accelerator)).eval()
     batch_size = cfg.get("batch_size") or dm.eval_batch_size
     log.info(
         "full-tile evaluation of %d %s tile(s) x %d pattern(s): window=%s overlap=%s blend=%s",
