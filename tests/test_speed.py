@@ -11,58 +11,21 @@
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import open_dict
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import bind_to, compose_config
 from sgma.models import FUSIONS
+from sgma.opcount import OpCounter
 from sgma.tasks import build_datamodule, build_module, train
 
 # training_step is called without a Trainer here, so Lightning says once per module that self.log() has none
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
 
 PRESETS = ["baseline", "muss", "sgf_only", "mas_only", "sgma"]
-SYNC_OPS = {  # what makes the host wait for a GPU: .item()/bool()/int() of a tensor, data-dependent sizes
-    "aten._local_scalar_dense",
-    "aten.item",  # seen instead of the above where composite ops are dispatched whole (inference mode)
-    "aten.is_nonzero",  # bool(t)
-    "aten.equal",
-    "aten.nonzero",
-    "aten.nonzero_numpy",  # nonzero(as_tuple=True)
-    "aten.argwhere",
-    "aten.masked_select",
-    "aten.bincount",
-    "aten.multinomial",  # its one-sample path validates the probabilities on the host
-    "aten._unique2",
-    "aten.unique_dim",
-    "aten.unique_consecutive",
-    "aten.repeat_interleave",
-}
-
-
-class Dispatches(TorchDispatchMode):
-    """Counts dispatched aten ops, and among them those that would make the host wait for a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.syncs: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.ops += 1
-        bool_index = name.startswith("aten.index") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
-        )
-        if name in SYNC_OPS or bool_index:
-            self.syncs[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _module(tmp_path: Path, preset: str, *overrides: str):
@@ -92,12 +55,12 @@ def test_training_step_never_waits_for_the_device(tmp_path, preset, overrides):
     dm, module = _module(tmp_path, preset, *overrides)
     module.train()
     batch = _batch(dm, module, MIXED)
-    step, backward = Dispatches(), Dispatches()
+    step, backward = OpCounter(), OpCounter()
     with step:
         out = module.training_step(batch, 0)
     with backward:
         out["loss"].backward()
-    assert step.ops > 0 and backward.ops > 0
+    assert step.total > 0 and backward.total > 0
     assert not step.syncs, f"{preset}: training_step synchronises: {dict(step.syncs)}"
     assert not backward.syncs, f"{preset}: backward synchronises: {dict(backward.syncs)}"
 
@@ -110,16 +73,16 @@ def test_op_counts_within_the_budget(tmp_path):
         dm, module = _module(tmp_path / preset, preset)
         module.train()
         batch = _batch(dm, module, MIXED)
-        counter = Dispatches()
+        counter = OpCounter()
         with counter:
             module.training_step(batch, 0)["loss"].backward()
-        train_ops[preset] = counter.ops
+        train_ops[preset] = counter.total
         full = _batch(dm, module, [len(dm.patterns) - 1] * 4)
         module.eval()
-        counter = Dispatches()
+        counter = OpCounter()
         with torch.inference_mode(), counter:
             module(full)
-        infer_ops[preset] = counter.ops
+        infer_ops[preset] = counter.total
     assert train_ops["sgma"] <= 2.0 * train_ops["baseline"], train_ops
     assert infer_ops["sgma"] <= 1.5 * infer_ops["baseline"], infer_ops  # sgma's inference is SGF's
 
