@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,18 @@ def cfg_train_global() -> DictConfig:
 def cfg_train(cfg_train_global: DictConfig, tmp_path: Path) -> DictConfig:
     yield bind_to(cfg_train_global, tmp_path)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def sgma_ckpt(tmp_path_factory) -> Path:
+    """last.ckpt of one tiny SGMA run (synthetic scenes, no test), shared read-only: its fusion writes robustness
+    maps and it carries everything a real checkpoint does."""
+    from sgma.tasks import train
+
+    run = tmp_path_factory.mktemp("sgma_run")
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg)
+    GlobalHydra.instance().clear()
+    return run / "checkpoints" / "last.ckpt"

@@ -291,17 +291,6 @@ def test_predict_without_the_training_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad input, safe outputs
-@pytest.fixture(scope="module")
-def trained_sgma(tmp_path_factory):
-    """last.ckpt of a tiny SGMA run on synthetic scenes: its fusion writes robustness maps."""
-    run = tmp_path_factory.mktemp("sgma")
-    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
-    from sgma.tasks import train
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(cfg)
-    return run / "checkpoints" / "last.ckpt"
 
 
 def _write_tiff(path, array, *, georeferenced=True, nodata=None):
@@ -337,7 +326,7 @@ def _bad_scene(folder, georeferenced=True):
 
 
 @pytest.mark.parametrize("georeferenced", [True, False])
-def test_predict_fills_counts_and_marks_nodata(trained_sgma, tmp_path, caplog, georeferenced):
+def test_predict_fills_counts_and_marks_nodata(sgma_ckpt, tmp_path, caplog, georeferenced):
     """NaN / inf / nodata in the inputs: filled, counted per modality in one warning, nodata in every output."""
     import rasterio
     from PIL import Image
@@ -346,7 +335,7 @@ def test_predict_fills_counts_and_marks_nodata(trained_sgma, tmp_path, caplog, g
     out = tmp_path / "out"
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="sgma"):
         warnings.simplefilter("ignore")
-        result = predict(_predict_cfg(trained_sgma, tmp_path / "in", out, "pattern=rgb+dsm", "robustness=true"))
+        result = predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm", "robustness=true"))
     classes = result["classes"]
     assert (classes[invalid] == 255).all() and (classes[~invalid] < 6).all()
     assert result["nodata_pixels"] == int(invalid.sum()) == 257
@@ -374,15 +363,15 @@ def test_predict_fills_counts_and_marks_nodata(trained_sgma, tmp_path, caplog, g
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
-def test_predict_refuses_a_modality_without_data(trained_sgma, tmp_path):
+def test_predict_refuses_a_modality_without_data(sgma_ckpt, tmp_path):
     rng = np.random.default_rng(0)
     write_geotiff(tmp_path / "in" / "rgb.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
     write_geotiff(tmp_path / "in" / "dsm.tif", np.full((1, 64, 64), np.nan, np.float32))
     with pytest.raises(ValueError, match=r"'dsm' has no valid pixel .*pattern=rgb"):
-        predict(_predict_cfg(trained_sgma, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm"))
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm"))
 
 
-def test_predict_outputs_are_whole_or_absent(trained_sgma, tmp_path, monkeypatch):
+def test_predict_outputs_are_whole_or_absent(sgma_ckpt, tmp_path, monkeypatch):
     """No overwrite without overwrite=true; a write that fails midway leaves the earlier outputs as they were."""
     import sgma.inference as inference
 
@@ -393,12 +382,12 @@ def test_predict_outputs_are_whole_or_absent(trained_sgma, tmp_path, monkeypatch
     args = ("pattern=rgb+dsm", "robustness=true")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args))
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, *args))
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         assert set(before) == {"prediction.tif", "robustness.tif"}
 
         with pytest.raises(FileExistsError, match=r"prediction.tif, robustness.tif .*overwrite=true"):
-            predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args))
+            predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, *args))
 
         real_write = inference.write_raster
 
@@ -411,13 +400,13 @@ def test_predict_outputs_are_whole_or_absent(trained_sgma, tmp_path, monkeypatch
 
         monkeypatch.setattr(inference, "write_raster", disk_full_on_robustness)
         with pytest.raises(OSError, match="No space left"):
-            predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args, "overwrite=true"))
+            predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, *args, "overwrite=true"))
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no staging folder left
         monkeypatch.undo()
 
         rgb[:, :10] = 0  # a different scene: overwrite=true replaces both files
         write_geotiff(tmp_path / "in" / "rgb.tif", rgb, origin=(366000.0, 5808000.0))
-        predict(_predict_cfg(trained_sgma, tmp_path / "in", out, *args, "overwrite=true"))
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, *args, "overwrite=true"))
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(after) == set(before) and after["prediction.tif"] != before["prediction.tif"]
 

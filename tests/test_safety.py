@@ -14,7 +14,6 @@ import pickle
 import shutil
 import stat
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,21 +39,10 @@ class Payload:
         return Path.touch, (self.marker,)
 
 
-@pytest.fixture(scope="module")
-def own_ckpt(tmp_path_factory) -> Path:
-    """last.ckpt of a tiny SGMA run (debug=tiny, synthetic data, no test)."""
-    run = tmp_path_factory.mktemp("run")
-    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(cfg)
-    return run / "checkpoints" / "last.ckpt"
-
-
-def craft(own_ckpt: Path, folder: Path, fmt: str = "zip") -> tuple[Path, Path]:
+def craft(sgma_ckpt: Path, folder: Path, fmt: str = "zip") -> tuple[Path, Path]:
     """A checkpoint that looks like sgma's (same keys and tensors) with the payload in its sgma node."""
     marker = folder / f"PAYLOAD_RAN_{fmt}"
-    ckpt = torch.load(own_ckpt, map_location="cpu", weights_only=True)
+    ckpt = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)
     ckpt["sgma"]["version"] = Payload(marker)
     path = folder / f"crafted_{fmt}.ckpt"
     if fmt == "zip":  # torch.save's format, as Lightning writes it
@@ -68,28 +56,28 @@ def craft(own_ckpt: Path, folder: Path, fmt: str = "zip") -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def crafted(own_ckpt, tmp_path) -> tuple[Path, Path]:
-    return craft(own_ckpt, tmp_path)
+def crafted(sgma_ckpt, tmp_path) -> tuple[Path, Path]:
+    return craft(sgma_ckpt, tmp_path)
 
 
-def test_payload_runs_when_unpickled_unsafely(own_ckpt, tmp_path):
+def test_payload_runs_when_unpickled_unsafely(sgma_ckpt, tmp_path):
     """The test's own premise: the crafted file does run code under weights_only=False (the old loader)."""
-    path, marker = craft(own_ckpt, tmp_path)
+    path, marker = craft(sgma_ckpt, tmp_path)
     torch.load(path, map_location="cpu", weights_only=False)
     assert marker.exists()
 
 
-def test_own_checkpoint_loads_weights_only(own_ckpt):
-    ckpt = load_checkpoint_safely(own_ckpt)
+def test_own_checkpoint_loads_weights_only(sgma_ckpt):
+    ckpt = load_checkpoint_safely(sgma_ckpt)
     assert {"state_dict", "sgma", "epoch", "optimizer_states"} <= set(ckpt)
     assert ckpt["sgma"]["config"]["model"]["fusion"] == "sgf" and ckpt["sgma"]["dataset"]["classes"]
     assert all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())
-    assert load_checkpoint(str(own_ckpt))["state_dict"].keys() == ckpt["state_dict"].keys()
+    assert load_checkpoint(str(sgma_ckpt))["state_dict"].keys() == ckpt["state_dict"].keys()
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
-def test_crafted_refused_by_the_loader(own_ckpt, tmp_path, fmt):
-    path, marker = craft(own_ckpt, tmp_path, fmt)
+def test_crafted_refused_by_the_loader(sgma_ckpt, tmp_path, fmt):
+    path, marker = craft(sgma_ckpt, tmp_path, fmt)
     with pytest.raises(UnsafeCheckpointError) as info:
         load_checkpoint_safely(path)
     message = str(info.value)
@@ -148,12 +136,12 @@ def test_crafted_refused_by_the_notebook(crafted, tmp_path, monkeypatch):
     assert not marker.exists() and not (tmp_path / "PAYLOAD_RAN_zip").exists()
 
 
-def test_bad_files_say_what_they_are(own_ckpt, tmp_path):
-    data = own_ckpt.read_bytes()
+def test_bad_files_say_what_they_are(sgma_ckpt, tmp_path):
+    data = sgma_ckpt.read_bytes()
     with pytest.raises(FileNotFoundError, match=r"ckpt_path='.*missing.ckpt': no such checkpoint file"):
         load_checkpoint_safely(tmp_path / "missing.ckpt")
     with pytest.raises(IsADirectoryError, match=r"it is a folder .*ckpt_path=.*checkpoints/last.ckpt"):
-        load_checkpoint_safely(own_ckpt.parent.parent)  # a run folder: the message points at its last.ckpt
+        load_checkpoint_safely(sgma_ckpt.parent.parent)  # a run folder: the message points at its last.ckpt
     cases = {
         "empty.ckpt": (b"", "it is empty"),
         "half.ckpt": (data[: len(data) // 2], "it is truncated"),
@@ -224,9 +212,9 @@ def shared_dir():
     shutil.rmtree(path)
 
 
-def test_unreadable_checkpoint_is_not_called_truncated(own_ckpt, shared_dir):
+def test_unreadable_checkpoint_is_not_called_truncated(sgma_ckpt, shared_dir):
     path = shared_dir / "last.ckpt"
-    shutil.copy(own_ckpt, path)
+    shutil.copy(sgma_ckpt, path)
     path.chmod(0)
     outcome = as_unprivileged(lambda: load_checkpoint_safely(path))
     assert outcome.startswith("PermissionError: ckpt_path=") and "is not readable" in outcome, outcome

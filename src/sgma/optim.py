@@ -23,6 +23,8 @@ def warmup_poly_factor(step: int, *, total_steps: int, warmup_steps: int, start_
 class WarmupPolyLR(LambdaLR):
     """:class:`LambdaLR` over :func:`warmup_poly_factor`, stepped per batch, that follows a resumed run's length.
 
+    Paper defaults: 10 warm-up epochs of 200 (5 %) from 10 % of the lr, decay power 0.9.
+
     The schedule's length comes from the run (``trainer.max_epochs`` x batches per epoch). A checkpoint stores
     the step reached and the optimizer's current lr; resumed with a different ``trainer.max_epochs``, the
     schedule keeps the new length (the factor is recomputed at each step, never restored) and the lr of the
@@ -89,17 +91,3 @@ class WarmupPolyLR(LambdaLR):
                 self._last_lr[0],
                 restored[0],
             )
-
-
-def warmup_poly(
-    optimizer: Optimizer,
-    *,
-    total_steps: int,
-    warmup_fraction: float = 0.05,
-    start_factor: float = 0.1,
-    power: float = 0.9,
-) -> WarmupPolyLR:
-    """Paper defaults: 10 warm-up epochs of 200 (5 %) from 10 % of the lr, decay power 0.9; stepped per batch."""
-    return WarmupPolyLR(
-        optimizer, total_steps=total_steps, warmup_fraction=warmup_fraction, start_factor=start_factor, power=power
-    )
