@@ -62,8 +62,11 @@ def test_fusion_rejects_empty_pattern():
         MeanFusion(in_channels=4, num_modalities=3, num_classes=2)(torch.zeros(1, 3, 4, 2, 2), torch.zeros(1, 3).bool())
 
 
-def test_segmentor_rejects_empty_pattern_on_the_host():
-    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", decoder_channels=32)
+@pytest.mark.parametrize("shared", [True, False])
+def test_segmentor_rejects_empty_pattern_on_the_host(shared):
+    net = MultiModalSegmentor(
+        modalities=MODS, num_classes=6, backbone="mit_b0", decoder_channels=32, shared_encoder=shared
+    )
     available = MASKS[:2].clone()
     available[1] = False
     with pytest.raises(ValueError, match=r"at least one available modality; samples \[1\] have none"):

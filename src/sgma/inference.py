@@ -42,6 +42,7 @@ from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint
 from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
+from sgma.recovery import fsync_dir
 
 log = logging.getLogger("sgma")
 
@@ -580,25 +581,12 @@ class _Staging:
         for p in files:
             os.replace(p, self.out / p.name)
             final.append(self.out / p.name)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.dir.rmdir()
         return final
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)  # best effort: the outputs' names were never touched
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows): renames are durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the renames themselves are done
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- predict

@@ -40,6 +40,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sgma.data.sharding import distributed_rank_and_size
+
 log = logging.getLogger("sgma")
 
 LAST = "last.ckpt"
@@ -263,9 +265,6 @@ class CheckpointOnSignal(Checkpoint):
         if self.stopped is not None:
             raise self.stopped
 
-    def state_dict(self) -> dict:
-        return {}
-
 
 # ---------------------------------------------------------------------------------------------- RNG + W&B id
 def rng_state() -> dict:
@@ -300,12 +299,6 @@ def set_rng_state(state: Mapping) -> None:
             torch.cuda.set_rng_state(state["cuda"])
         else:
             log.warning("the checkpoint holds a CUDA RNG state but this run has no GPU: CUDA draws are not restored")
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _metric_states(module: torch.nn.Module) -> dict[str, dict]:
@@ -402,7 +395,7 @@ class ResumeState(Callback):
                 self.wandb_id = logger.version
 
     def state_dict(self) -> dict:
-        _, world = _world()
+        _, world = distributed_rank_and_size()
         if self._pending is not None:  # saved again before the first resumed batch: still the loaded states
             states = self._pending
         elif world > 1:  # every rank takes part: Lightning builds the checkpoint on all of them
@@ -428,7 +421,7 @@ class ResumeState(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         if self._pending is None:
             return
-        rank, world = _world()
+        rank, world = distributed_rank_and_size()
         states, self._pending = self._pending, None
         if len(states) != world:
             log.warning(

@@ -120,10 +120,16 @@ def packing_index(available: Tensor) -> Tensor:
     module computes it on the host, where the batch's availability lives before it is moved to the device,
     and hands it to :meth:`MultiModalEncoder.forward` as ``index``.
     """
+    check_every_sample_has_one(available)
+    return available.reshape(-1).nonzero().squeeze(1)
+
+
+def check_every_sample_has_one(available: Tensor) -> None:
+    """An empty pattern has nothing to fuse (0/0 in mean fusion, all -inf softmaxes in SGF): refuse it, naming
+    the samples. Host check: the encoder's plan needs the availability on the host anyway."""
     if not bool(available.any(dim=1).all()):
         empty = (~available.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"every sample needs at least one available modality; samples {empty} have none")
-    return available.reshape(-1).nonzero().squeeze(1)
 
 
 class MultiModalEncoder(nn.Module):
@@ -187,6 +193,7 @@ class MultiModalEncoder(nn.Module):
     def _forward_per_modality(self, inputs: Mapping[str, Tensor], available: Tensor) -> list[Tensor]:
         names = self.names
         b = available.shape[0]
+        check_every_sample_has_one(available)  # this path syncs on nonzero anyway
         slots = [available[:, i].nonzero(as_tuple=True)[0] for i in range(len(names))]
         present = [i for i, idx in enumerate(slots) if idx.numel()]
         per_modality = [

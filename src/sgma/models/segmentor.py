@@ -137,15 +137,3 @@ class MultiModalSegmentor(nn.Module):
         logits = self.head(fused, out_size=out_size)
         has_maps = return_robustness and all(r is not None for r in robustness)
         return SegmentorOutput(logits=logits, robustness=robustness if has_maps else None)
-
-    def decode(
-        self,
-        feats: Sequence[Tensor],
-        available: Tensor,
-        out_size: tuple[int, int],
-        *,
-        return_robustness: bool = False,
-    ) -> SegmentorOutput:
-        """Fuse and decode encoder features (:meth:`prepare` then :meth:`fuse_decode`)."""
-        prepared = self.prepare(feats, available)
-        return self.fuse_decode(prepared, available, out_size, return_robustness=return_robustness)
