@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from sgma.data import tiles
 from sgma.data.tiles import MANIFEST, PreparedTile, TileCache
 
 TILES = ("a", "b", "c")
@@ -228,3 +229,17 @@ def test_statistics_leave_out_flagged_pixels():
     c = _ChannelStats()
     c.update(dirty)  # the same tile without the flags: what one bad patch did before
     assert c.result()["std"][0] > 5 * b.result()["std"][0]
+
+
+def test_cache_larger_than_the_free_disk_is_refused_before_anything_is_written(tmp_path):
+    """The size estimate from the files' headers is checked against the free space before preparing."""
+    from sgma.data.fake import make_fake_vaihingen
+    from sgma.data.isprs import Vaihingen
+
+    class Enormous(Vaihingen):
+        bytes_per_pixel = 10**12  # a cache no disk can hold: the check must refuse it
+
+    root = make_fake_vaihingen(tmp_path / "v", tile_size=32, tiles=["1", "30"])
+    with pytest.raises(tiles.TilePreparationError, match=r"needs about .* GB .* free; set dataset.builder.cache_dir"):
+        Enormous("train", root=root, crop_size=32, drop_tiles=(), skip_incomplete_tiles=True, progress=False)
+    assert not (root / ".sgma_cache").exists() or not any((root / ".sgma_cache").glob("vaihingen-v*/manifest.json"))

@@ -197,6 +197,7 @@ class Deliver(CachedCropDataset):
     """DELIVER semantic segmentation (25 classes; modalities rgb, depth, event, lidar)."""
 
     item_name = "images"
+    bytes_per_pixel = 3 * len(MODALITIES) + 1  # uint8 frames and mask
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -311,7 +312,7 @@ class Deliver(CachedCropDataset):
                 )
         return sources, splits
 
-    def _check_sizes(self, key: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, key: str, files: dict[str, Path]) -> tuple[int, int]:
         size = _png_size(files["rgb"])
         for key in (*MODALITIES, LABEL[0]):
             other = _png_size(files[key])
@@ -320,6 +321,7 @@ class Deliver(CachedCropDataset):
                     f"size mismatch: {files[key]} is {other[0]} x {other[1]} px but {files['rgb']} is "
                     f"{size[0]} x {size[1]} px"
                 )
+        return size
 
     # -- decoding -------------------------------------------------------------------------------------
     def _load(self, tile: str) -> PreparedTile:

@@ -126,6 +126,7 @@ class DFC2023(CachedCropDataset):
     """DFC2023 track 2 building segmentation (classes background/building; modalities rgb, dsm, sar)."""
 
     item_name = "images"
+    bytes_per_pixel = 3 + 2 + 2 + 1  # rgb uint8, height and sar float16, mask
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -226,7 +227,7 @@ class DFC2023(CachedCropDataset):
             raise _missing_data(f"no complete image in the {self.split} split")
         return sources, splits
 
-    def _check_sizes(self, tile: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         bands, h, w = raster_info(files["rgb"])
         if bands < 3:
             raise ValueError(f"{files['rgb']} has {bands} band(s); DFC2023 rgb images have 3")
@@ -234,6 +235,7 @@ class DFC2023(CachedCropDataset):
             _, rh, rw = raster_info(files[m])
             if (rh, rw) != (h, w):
                 raise ValueError(f"size mismatch: {files[m]} is {rh} x {rw} px but {files['rgb']} is {h} x {w} px")
+        return h, w
 
     # -- decoding -------------------------------------------------------------------------------------
     def _coco_of(self, path: Path) -> tuple[Any, dict[str, int]]:

@@ -244,6 +244,10 @@ class FolderDataset(CachedCropDataset):
 
     item_name = "stems"
 
+    @property
+    def bytes_per_pixel(self) -> int:  # an upper bound: uint8 sources take 1 byte per channel, not 2
+        return sum(2 * m["channels"] for m in self._mods.values()) + 1
+
     NAME = NAME
 
     def __init__(
@@ -388,7 +392,7 @@ class FolderDataset(CachedCropDataset):
                 seen[x] = s
         return out, how
 
-    def _check_sizes(self, stem: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, stem: str, files: dict[str, Path]) -> tuple[int, int]:
         ref_key = next(iter(self._mods))
         _, h, w = raster_info(files[ref_key])
         for key, path in files.items():
@@ -403,6 +407,7 @@ class FolderDataset(CachedCropDataset):
                     f"folder dataset: {path} has {bands} band(s) but modality {key!r} declares "
                     f"{self._mods[key]['channels']} channels in {self.description_file.name}"
                 )
+        return h, w
 
     # -- decoding -------------------------------------------------------------------------------------
     def _load(self, stem: str) -> PreparedTile:

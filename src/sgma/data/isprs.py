@@ -291,7 +291,7 @@ class _ISPRSDataset(CachedCropDataset):
         """Every source file tile ``tile`` of ``split`` is built from, by role (raise _SkipTile to drop)."""
         raise NotImplementedError
 
-    def _check_sizes(self, tile: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         raise NotImplementedError
 
     def _load_tile(self, tile: str) -> PreparedTile:
@@ -451,6 +451,7 @@ class Potsdam(_ISPRSDataset):
 
     NAME = "potsdam"
     MODALITIES: ClassVar[dict[str, int]] = {"rgb": 3, "nir": 1, "dsm": 1}
+    bytes_per_pixel = 3 + 1 + 2 + 1  # rgb, nir uint8; dsm float16; mask
     ALL_TILES = POTSDAM_TILES
     TEST_TILES = POTSDAM_TEST
     VAL_TILES = POTSDAM_VAL
@@ -554,7 +555,7 @@ class Potsdam(_ISPRSDataset):
             "label": label,
         }
 
-    def _check_sizes(self, tile: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         bands, h, w = raster_info(files["rgbir"])
         if bands < 4:
             raise ValueError(f"{files['rgbir']} has {bands} band(s); RGBIR tiles have 4 (R, G, B, IR)")
@@ -562,6 +563,7 @@ class Potsdam(_ISPRSDataset):
         _check_pad_ok(tile, files["label"], (lh, lw), files["rgbir"], (h, w), pad=False)
         _, dh, dw = raster_info(files["dsm"])
         _check_pad_ok(tile, files["dsm"], (dh, dw), files["rgbir"], (h, w), pad=True)
+        return h, w
 
     def _load_tile(self, tile: str) -> PreparedTile:
         files = self.cache.sources[tile]
@@ -603,6 +605,7 @@ class Vaihingen(_ISPRSDataset):
 
     NAME = "vaihingen"
     MODALITIES: ClassVar[dict[str, int]] = {"irrg": 3, "dsm": 1}
+    bytes_per_pixel = 3 + 2 + 1  # irrg uint8, dsm float16, mask
     TEST_TILES = _ids("2 4 6 8 10 12 14 16 20 22 24 27 29 31 33 35 38")
     VAL_TILES = ("30",)
     TRAIN_TILES = _ids("1 3 5 7 11 13 15 17 21 23 26 28 32 34 37")
@@ -661,13 +664,14 @@ class Vaihingen(_ISPRSDataset):
             "label": self.root / (self.LABEL_ERODED if eroded else self.LABEL).format(id=tile),
         }
 
-    def _check_sizes(self, tile: str, files: dict[str, Path]) -> None:
+    def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         bands, h, w = raster_info(files["irrg"])
         if bands < 3:
             raise ValueError(f"{files['irrg']} has {bands} band(s); Vaihingen tops have 3 (NIR, R, G)")
         for role in ("dsm", "label"):
             _, rh, rw = raster_info(files[role])
             _check_pad_ok(tile, files[role], (rh, rw), files["irrg"], (h, w), pad=False)
+        return h, w
 
     def _load_tile(self, tile: str) -> PreparedTile:
         files = {k: Path(v) for k, v in self.cache.sources[tile].items()}

@@ -400,6 +400,27 @@ def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def check_disk_space(cache_dir: Path, needed: int, dataset: str, items: int) -> None:
+    """Log what preparing a cache of ``needed`` bytes will take and refuse to start when the disk of
+    ``cache_dir`` has less room than that (a full disk midway costs the whole preparation)."""
+    existing = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    log.info(
+        "the %s cache of %d images will take about %.2f GB in %s (%.1f GB free there)",
+        dataset,
+        items,
+        needed / 1e9,
+        cache_dir,
+        free / 1e9,
+    )
+    if needed > free:
+        raise TilePreparationError(
+            f"the {dataset} tile cache needs about {needed / 1e9:.2f} GB ({items} images) but {existing} has "
+            f"{free / 1e9:.2f} GB free; set dataset.builder.cache_dir=<a folder with room> (or free space). Nothing "
+            f"was written"
+        )
+
+
 class TileCache:
     """A prepared, memory-mapped tile cache (see the module docstring for the format and the locking).
 
@@ -807,17 +828,25 @@ class CachedCropDataset(torch.utils.data.Dataset):
 
     item_name = "tiles"
 
-    def _check_sizes(self, key: str, files: dict[str, Path]) -> None:
-        """Raise when the source files of one cached image disagree in size (dataset-specific)."""
+    # bytes one pixel takes in the cache (every stored array plus the uint8 mask); datasets set it
+    bytes_per_pixel: int = 0
+
+    def _check_sizes(self, key: str, files: dict[str, Path]) -> tuple[int, int]:
+        """Raise when the source files of one cached image disagree in size; return its (H, W) as cached
+        (from the files' headers: dataset-specific)."""
         raise NotImplementedError
 
     def _prepare_cache(self, sources: Mapping[str, dict[str, Path]], load: Callable, *, progress: bool) -> None:
-        """Open the cache, or (re)build it when it is stale after checking every image's source sizes (once,
-        under the cache's lock: concurrent processes and DDP ranks wait and then open it)."""
+        """Open the cache, or (re)build it when it is stale after checking every image's source sizes and
+        that the disk has room for it (once, under the cache's lock: concurrent processes and DDP ranks wait
+        and then open it)."""
 
         def check_all() -> None:
+            pixels = 0
             for key, files in sources.items():
-                self._check_sizes(key, files)
+                h, w = self._check_sizes(key, files)
+                pixels += h * w
+            check_disk_space(self.cache.dir, pixels * self.bytes_per_pixel, self.cache.dataset, len(sources))
 
         self.cache.open_or_prepare(load, progress=progress, before_prepare=check_all)
 

@@ -1,0 +1,5 @@
+"""``python -m sgma.data.fake DATASET DIR``."""
+
+from sgma.data.fake import main
+
+main()
