@@ -438,3 +438,193 @@ def test_input_rasters_say_what_they_are(tmp_path):
     (tmp_path / "half.tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"half.tif': it is truncated, corrupt"):
         read_input_raster(tmp_path / "half.tif")
+
+
+# --------------------------------------------------------------------- folders of scenes, input transforms
+def _batch_tree(folder, stems=("a", "b"), *, dsm_stems=None, h=40, w=50):
+    """``<folder>/<modality>/<stem>``: scene a as GeoTIFFs, the others as PNGs; labels/ and nir/ are not in the
+    pattern rgb+dsm and must be ignored."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for i, stem in enumerate(stems):
+        rgb = rng.integers(0, 255, (3, h, w), dtype=np.uint8)
+        dsm = rng.integers(0, 255, (1, h, w), dtype=np.uint8)
+        if i == 0:
+            write_geotiff(folder / "rgb" / f"{stem}.tif", rgb, origin=(366000.0, 5808000.0))
+            if dsm_stems is None or stem in dsm_stems:
+                write_geotiff(folder / "dsm" / f"{stem}.tif", dsm, origin=(366000.0, 5808000.0))
+            continue
+        for name, array in (("rgb", rgb), ("dsm", dsm)):
+            if name == "dsm" and dsm_stems is not None and stem not in dsm_stems:
+                continue
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(array.transpose(1, 2, 0), "RGB") if name == "rgb" else Image.fromarray(array[0])
+            image.save(folder / name / f"{stem}.png")
+    (folder / "labels").mkdir(exist_ok=True)
+    (folder / "nir").mkdir(exist_ok=True)
+    (folder / "dataset.yaml").write_text("name: x\n")
+
+
+def test_predict_folder_of_scenes(sgma_ckpt, tmp_path, caplog):
+    """<input>/<modality>/<stem>: every stem predicted into <out>/<stem>/, as the one-scene mode predicts it."""
+    from PIL import Image
+
+    _batch_tree(tmp_path / "in")
+    out = tmp_path / "out"
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="sgma"):
+        warnings.simplefilter("ignore")
+        result = predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm"))
+    assert result["pattern"] == "rgb+dsm" and list(result["scenes"]) == ["a", "b"]
+    a, b = result["scenes"]["a"], result["scenes"]["b"]
+    assert "classes" not in a and a["georeferenced"] and not b["georeferenced"]
+    assert a["files"] == {"prediction": out / "a" / "prediction.tif"}
+    assert b["files"] == {"prediction": out / "b" / "prediction.png"}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "a",
+        "a/prediction.tif",
+        "b",
+        "b/prediction.png",
+    ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "scene 1/2: a" in messages and "scene 2/2: b" in messages
+
+    single = tmp_path / "single"  # scene b alone in the one-scene layout: the same colours
+    single.mkdir()
+    for name in ("rgb", "dsm"):
+        (single / f"{name}.png").write_bytes((tmp_path / "in" / name / "b.png").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = predict(_predict_cfg(sgma_ckpt, single, tmp_path / "out1", "pattern=rgb+dsm"))
+    assert one["files"]["prediction"] == tmp_path / "out1" / "prediction.png" and "classes" in one
+    assert (
+        np.asarray(Image.open(out / "b" / "prediction.png")) == np.asarray(Image.open(one["files"]["prediction"]))
+    ).all()
+
+    # collisions are checked for every scene before any runs: b's output alone blocks the whole run
+    (out / "a" / "prediction.tif").unlink()
+    (out / "a").rmdir()
+    with pytest.raises(FileExistsError, match=r"already holds b/prediction.png .*overwrite=true"):
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm"))
+    assert not (out / "a").exists()
+    (out / "a").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"where scene folders go: a"):
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm", "overwrite=true"))
+
+
+def test_predict_folder_of_scenes_checks_before_running(sgma_ckpt, tmp_path):
+    """Missing rasters are all listed before anything runs; a scene failing midway names what was written."""
+    import shutil
+
+    _batch_tree(tmp_path / "in", stems=("a", "b", "c"), dsm_stems=("a",))
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"2 raster\(s\) missing for the scenes of rgb/: dsm/b\.\*, dsm/c\.\*"):
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm"))
+    assert list(out.iterdir()) == []
+    shutil.rmtree(tmp_path / "in" / "dsm")  # no dsm/ folder at all
+    with pytest.raises(FileNotFoundError, match=r"none for dsm: .*pattern=rgb"):
+        predict(_predict_cfg(sgma_ckpt, tmp_path / "in", out, "pattern=rgb+dsm"))
+
+    _batch_tree(tmp_path / "in2", stems=("a", "b", "c"))
+    write_geotiff(tmp_path / "in2" / "dsm" / "b.tif", np.full((1, 40, 50), np.nan, np.float32))  # no valid pixel
+    (tmp_path / "in2" / "dsm" / "b.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"scene 2/3 'b' failed .*'dsm' has no valid pixel") as err:
+            predict(_predict_cfg(sgma_ckpt, tmp_path / "in2", out, "pattern=rgb+dsm"))
+    assert "1 scene(s) were written completely" in str(err.value) and "not predicted: 1 scene(s) (c)" in str(err.value)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a", "a/prediction.tif"]
+
+
+def test_find_scenes_layouts(tmp_path):
+    from sgma.inference import find_scenes
+
+    _batch_tree(tmp_path, stems=("a", "b"))
+    scenes = find_scenes(tmp_path, ["rgb", "dsm"])
+    assert {s: {m: p.name for m, p in f.items()} for s, f in scenes.items()} == {
+        "a": {"rgb": "a.tif", "dsm": "a.tif"},
+        "b": {"rgb": "b.png", "dsm": "b.png"},
+    }
+    write_geotiff(tmp_path / "rgb.tif", np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"both modality rasters \(rgb.tif\) and modality folders \(rgb/, dsm/\)"):
+        find_scenes(tmp_path, ["rgb", "dsm"])
+    assert list(find_scenes(tmp_path / "rgb", ["a"])) == [None]  # a folder of <modality>.tif: one scene
+    with pytest.raises(FileNotFoundError, match=r"neither rasters nor folders .*sar.* holds .*labels/.*Accepted"):
+        find_scenes(tmp_path, ["sar"])
+    write_geotiff(tmp_path / "dsm" / "a.png", np.zeros((1, 8, 8), np.uint8))
+    (tmp_path / "rgb.tif").unlink()
+    with pytest.raises(ValueError, match=r"several rasters for scene 'a' \(a.png, a.tif\)"):
+        find_scenes(tmp_path, ["rgb", "dsm"])
+
+
+def test_read_inputs_applies_the_training_transform(tmp_path):
+    """sar_to_db on the raw values; NaN and inf stay, and the file's nodata mask still marks its pixels."""
+    from sgma.data.preprocess import sar_to_db
+    from sgma.inference import fill_invalid, read_inputs
+
+    rng = np.random.default_rng(3)
+    linear = rng.uniform(0.0, 2.0, (1, 20, 30)).astype(np.float32)
+    linear[0, 0, :4] = [0.0, np.nan, np.inf, -5.0]  # no return, NaN, inf, the nodata value
+    write_geotiff(tmp_path / "sar.tif", linear, nodata=-5.0)
+    sar = Modality("sar", 1, (-12.0,), (5.0,))
+    spec = {"name": "sar_to_db", "low": -25.0, "high": 0.0}
+    arrays, _, masks = read_inputs({"sar": tmp_path / "sar.tif"}, [sar], {"sar": spec})
+    by_hand = sar_to_db(linear)
+    x = arrays["sar"]
+    finite = np.isfinite(linear)
+    assert np.array_equal(x[finite], by_hand[finite]) and x[finite].min() >= -25 and x[finite].max() <= 0
+    assert np.isnan(x[0, 0, 1]) and np.isinf(x[0, 0, 2]) and x[0, 0, 0] == -25.0
+    assert masks["sar"][0, 0, 3] and int(masks["sar"].sum()) == 1
+    filled, invalid, counts = fill_invalid(arrays, [sar], masks)
+    assert counts["sar"] == {"nan": 1, "inf": 1, "nodata": 1, "pixels": 3}
+    assert (filled["sar"][0, 0, 1:4] == -12.0).all() and int(invalid.sum()) == 3
+    raw, _, _ = read_inputs({"sar": tmp_path / "sar.tif"}, [sar])  # no transform: the raw values
+    assert np.array_equal(raw["sar"][finite], linear[finite])
+
+
+def test_predict_applies_the_stored_transform(sgma_ckpt, tmp_path, caplog):
+    """A transform in the checkpoint's facts: predicting raw values = predicting hand-transformed ones without it
+    (compared on the float robustness maps, which follow the network's inputs closely)."""
+    import rasterio
+
+    from sgma.data.preprocess import sar_to_db
+
+    ckpt = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)
+    assert ckpt["sgma"]["dataset"]["input_transforms"] == {}  # train.py stores the key (synthetic: none)
+    ckpt["sgma"]["dataset"]["input_transforms"] = {"dsm": {"name": "sar_to_db", "low": -25.0, "high": 0.0}}
+    torch.save(ckpt, tmp_path / "db.ckpt")
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    linear = rng.uniform(0.001, 1.0, (1, 40, 50)).astype(np.float32)
+    for folder, dsm in (("raw", linear), ("db", sar_to_db(linear))):
+        write_geotiff(tmp_path / folder / "rgb.tif", rgb)
+        write_geotiff(tmp_path / folder / "dsm.tif", dsm)
+    args = ("pattern=rgb+dsm", "robustness=true")
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="sgma"):
+        warnings.simplefilter("ignore")
+        raw = predict(_predict_cfg(tmp_path / "db.ckpt", tmp_path / "raw", tmp_path / "o1", *args))
+        by_hand = predict(_predict_cfg(sgma_ckpt, tmp_path / "db", tmp_path / "o2", *args))
+        untransformed = predict(_predict_cfg(sgma_ckpt, tmp_path / "raw", tmp_path / "o3", *args))
+    maps = {}
+    for name, result in (("raw", raw), ("by_hand", by_hand), ("untransformed", untransformed)):
+        with rasterio.open(result["files"]["robustness"]) as src:
+            maps[name] = src.read()
+    assert np.array_equal(raw["classes"], by_hand["classes"]) and np.array_equal(maps["raw"], maps["by_hand"])
+    assert not np.allclose(maps["raw"], maps["untransformed"], atol=1e-4)  # the transform does reach the network
+    logged = [r.getMessage() for r in caplog.records if "transformed as in training" in r.getMessage()]
+    assert logged == ["raw input values are transformed as in training: dsm: sar_to_db(low=-25.0, high=0.0)"]
+
+
+def test_dataset_facts_store_the_input_transforms():
+    from sgma.builders import build_datamodule
+    from sgma.tasks import dataset_facts
+
+    dm = build_datamodule(compose_config("train", ["debug=tiny"]))
+    assert dataset_facts(dm)["input_transforms"] == {}  # a dataset without the attribute: none
+    base = dm.dataset("train").base
+    base.input_transforms = {"dsm": {"name": "sar_to_db", "low": np.float32(-25.0), "high": 0.0}}
+    stored = dataset_facts(dm)["input_transforms"]
+    assert stored == {"dsm": {"name": "sar_to_db", "low": -25.0, "high": 0.0}} and type(stored["dsm"]["low"]) is float
+    base.input_transforms = {"dsm": {"name": "log1p"}}
+    with pytest.raises(ValueError, match=r"input_transforms\['dsm'\] names 'log1p'"):
+        dataset_facts(dm)

@@ -12,6 +12,11 @@ and zeros for a missing modality (:func:`normalise_inputs`).
 
 Also here: :func:`evaluate_full_tiles` (``eval.py eval.full_tile=true``) and the raster I/O of ``predict.py``.
 
+``predict.py`` reads one scene (``<input>/<modality>.tif``) or a folder of scenes (``<input>/<modality>/<stem>.tif``,
+e.g. DFC2023's released val/test), applies the training dataset's raw-value transforms stored in the checkpoint
+(:mod:`sgma.data.preprocess`, e.g. linear SAR -> dB) to each raster as read, and writes each scene's outputs
+(into ``<output_dir>/<stem>/`` for a folder of scenes).
+
 ``predict.py`` and bad input: NaN, inf and a raster's declared nodata value are filled with the modality's mean
 (0 after normalisation, the value the model sees most often), counted per modality in one warning, and the
 pixels they touch are marked nodata in every output (class 255 / a GDAL mask in ``prediction.tif``,
@@ -39,6 +44,7 @@ from torch import Tensor
 
 from sgma.builders import build_datamodule, build_module, device_for
 from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint
+from sgma.data.preprocess import TRANSFORMS, apply_input_transform
 from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
@@ -281,20 +287,35 @@ def evaluate_full_tiles(
 
 
 # ------------------------------------------------------------------------------------------ raster I/O
+LAYOUTS = (
+    "one scene: <input>/<modality>.tif (or .tiff / .png / .jpg), e.g. in/rgb.tif + in/dsm.tif; many scenes: "
+    "<input>/<modality>/<stem>.tif with the same stems in every modality folder, e.g. val/rgb/P_0000.tif + "
+    "val/sar/P_0000.tif"
+)
+
+
+def _shortlist(items: Sequence[str], k: int = 5) -> str:
+    """``a, b, c and 12 more``: messages about a folder of 600 scenes stay readable."""
+    items = list(items)
+    shown = ", ".join(items[:k])
+    return shown if len(items) <= k else f"{shown} and {len(items) - k} more"
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"input={str(folder)!r} is a file: input must be a folder ({LAYOUTS})")
+        raise FileNotFoundError(f"input={str(folder)!r} does not exist: point input= at a folder of rasters")
+    try:
+        return sorted(folder.iterdir())
+    except PermissionError:
+        raise PermissionError(f"input={str(folder)!r} is not readable (permission denied)") from None
+
+
 def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, Path]:
     """``<folder>/<name>.{tif,tiff,png,jpg,jpeg}`` for each name; errors name what is missing or ambiguous."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        if folder.exists():
-            raise NotADirectoryError(
-                f"input={str(folder)!r} is a file: input must be a folder holding one raster per modality, named "
-                f"<modality>.tif (or .png / .jpg)"
-            )
-        raise FileNotFoundError(f"input={str(folder)!r} does not exist: point input= at a folder of rasters")
-    try:
-        entries = sorted(folder.iterdir())
-    except PermissionError:
-        raise PermissionError(f"input={str(folder)!r} is not readable (permission denied)") from None
+    entries = _list_folder(folder)
     out = {}
     for name in names:
         found = [p for p in entries if p.stem == name and p.suffix.lower() in RASTER_SUFFIXES]
@@ -310,8 +331,85 @@ def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, P
     return out
 
 
-def _check_raster_file(path: Path) -> None:
-    """Say what an input raster is when it is not a readable file (a folder, unreadable, empty, truncated)."""
+def _rasters_by_stem(folder: Path) -> dict[str, Path]:
+    """The rasters of one modality folder by stem (hidden files and other suffixes, e.g. .aux.xml, skipped)."""
+    by_stem: dict[str, Path] = {}
+    for p in _list_folder(folder):
+        if p.name.startswith(".") or p.suffix.lower() not in RASTER_SUFFIXES:
+            continue
+        if p.stem in by_stem:
+            raise ValueError(
+                f"{str(folder)!r} has several rasters for scene {p.stem!r} ({by_stem[p.stem].name}, {p.name}): keep one"
+            )
+        by_stem[p.stem] = p
+    return by_stem
+
+
+def find_scenes(folder: str | Path, names: Sequence[str]) -> dict[str | None, dict[str, Path]]:
+    """The scenes under ``input=``, each as modality name -> raster path, in one of two layouts.
+
+    ``<folder>/<modality>.tif``: one scene, returned as ``{None: files}``. ``<folder>/<modality>/<stem>.tif``
+    (DFC2023's ``val/rgb/P_0000.tif``, the folder dataset's tree): ``{stem: files}`` for every stem of the
+    first modality's folder, in sorted order. Every other modality needs a raster with the same stem (any
+    raster suffix); all missing ones are reported together, before anything is read. Other entries
+    (``labels/``, ``dataset.yaml``, folders of modalities outside the pattern) are ignored.
+    """
+    folder = Path(folder).expanduser()
+    entries = _list_folder(folder)
+    rasters = [p.name for p in entries if p.stem in names and p.suffix.lower() in RASTER_SUFFIXES]
+    dirs = {p.name for p in entries if p.name in names and p.is_dir()}
+    if rasters and dirs:
+        raise ValueError(
+            f"input={str(folder)!r} holds both modality rasters ({', '.join(rasters)}) and modality folders "
+            f"({', '.join(f'{n}/' for n in names if n in dirs)}): keep one of the two layouts ({LAYOUTS})"
+        )
+    if rasters:
+        return {None: find_modality_files(folder, names)}
+    if not dirs:
+        held = _shortlist([p.name + ("/" if p.is_dir() else "") for p in entries], 10) or "nothing"
+        raise FileNotFoundError(
+            f"input={str(folder)!r} has neither rasters nor folders named after the modalities {'+'.join(names)}; "
+            f"it holds {held}. Accepted layouts: {LAYOUTS}"
+        )
+    lacking = [n for n in names if n not in dirs]
+    if lacking:
+        have = [n for n in names if n in dirs]
+        raise FileNotFoundError(
+            f"input={str(folder)!r} has the modality folder(s) {', '.join(f'{n}/' for n in have)} but none for "
+            f"{', '.join(lacking)}: add {lacking[0]}/<stem>.tif for every scene, or predict with "
+            f"pattern={'+'.join(have)}"
+        )
+    by_modality = {n: _rasters_by_stem(folder / n) for n in names}
+    first, stems = names[0], list(by_modality[names[0]])
+    if not stems:
+        raise FileNotFoundError(
+            f"{str(folder / first)!r} holds no raster ({', '.join(RASTER_SUFFIXES)}): no scene to predict"
+        )
+    absent = [f"{n}/{s}.*" for n in names[1:] for s in stems if s not in by_modality[n]]
+    if absent:
+        raise FileNotFoundError(
+            f"input={str(folder)!r}: {len(absent)} raster(s) missing for the scenes of {first}/: "
+            f"{_shortlist(absent)}. Every modality folder needs a raster with each stem of {first}/ (any of "
+            f"{', '.join(RASTER_SUFFIXES)}): add them, move those scenes out of {first}/, or choose a pattern "
+            f"without that modality"
+        )
+    for n in names[1:]:
+        extra = sorted(set(by_modality[n]) - set(stems))
+        if extra:
+            log.warning(
+                "%s/ has %d raster(s) without a counterpart in %s/, not predicted: %s",
+                n,
+                len(extra),
+                first,
+                _shortlist(extra),
+            )
+    return {s: {n: by_modality[n][s] for n in names} for s in stems}
+
+
+def _check_raster_file(path: Path, *, decode: bool = True) -> None:
+    """Say what an input raster is when it is not a readable file (a folder, unreadable, empty, truncated).
+
+    ``decode=False`` skips the full PNG/JPEG decode (the header scan of many scenes; the read does it)."""
     if path.is_dir():
         raise IsADirectoryError(f"input raster {str(path)!r} is a folder, not an image: move or rename it")
     try:
@@ -323,7 +421,7 @@ def _check_raster_file(path: Path) -> None:
         ) from None
     if empty:
         raise OSError(f"input raster {str(path)!r} is empty (0 bytes): was it copied or downloaded completely?")
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+    if decode and path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         # GDAL reads a truncated PNG/JPEG as zeros with no error: decode it once with Pillow, which notices
         from PIL import Image, UnidentifiedImageError
 
@@ -336,8 +434,50 @@ def _check_raster_file(path: Path) -> None:
             ) from None
 
 
-def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None, np.ndarray | None]:
-    """(C, H, W) float32 array, the georeference ({crs, transform}) or None, and the nodata mask or None.
+def _unreadable(path: Path, err: Exception) -> OSError:
+    return OSError(f"cannot read raster {str(path)!r}: it is truncated, corrupt or not a raster GDAL reads ({err})")
+
+
+def raster_header(path: Path) -> tuple[int, int, int, bool]:
+    """(bands, height, width, georeferenced) from the header alone, so every scene is checked before any runs."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    _check_raster_file(path, decode=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.count, src.height, src.width, src.crs is not None
+    except rasterio.errors.RasterioError as err:
+        raise _unreadable(path, err) from err
+
+
+def _check_grid(shapes: Mapping[str, tuple[Path, int, int, int]], modalities: Sequence[Modality]) -> None:
+    """Band counts match the modalities and every raster covers the same H x W (``shapes``: name -> path, C, H, W)."""
+    for m in modalities:
+        path, bands, _, _ = shapes[m.name]
+        if bands != m.channels:
+            raise ValueError(f"{str(path)!r} has {bands} band(s) but modality {m.name!r} has {m.channels}")
+    if len({(h, w) for _, _, h, w in shapes.values()}) > 1:
+        listed = ", ".join(f"{str(p)!r}: {h}x{w}" for p, _, h, w in shapes.values())
+        raise ValueError(f"input rasters have different sizes ({listed}); every modality must cover the same grid")
+
+
+def check_input_headers(files: Mapping[str, Path], modalities: Sequence[Modality]) -> bool:
+    """Check one scene's band counts and sizes from the headers; True when any of its rasters is georeferenced."""
+    shapes, georeferenced = {}, False
+    for m in modalities:
+        bands, h, w, geo = raster_header(files[m.name])
+        shapes[m.name] = (files[m.name], bands, h, w)
+        georeferenced |= geo
+    _check_grid(shapes, modalities)
+    return georeferenced
+
+
+def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None, np.ndarray | None, float | None]:
+    """(C, H, W) float32 array, the georeference ({crs, transform}) or None, the nodata mask or None, and the
+    declared nodata value (the first band's that is a number) or None.
 
     The mask is (C, H, W) bool, True where a band equals the nodata value the file declares (compared in the
     file's own dtype, before the cast to float32); None when the file declares none.
@@ -354,40 +494,49 @@ def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None, np
                 geo = {"crs": src.crs, "transform": src.transform} if src.crs is not None else None
                 nodata = list(src.nodatavals)
     except rasterio.errors.RasterioError as err:
-        raise OSError(
-            f"cannot read raster {str(path)!r}: it is truncated, corrupt or not a raster GDAL reads ({err})"
-        ) from err
+        raise _unreadable(path, err) from err
+    declared = [v for v in nodata if v is not None and not np.isnan(v)]
     mask = None
-    if any(v is not None and not np.isnan(v) for v in nodata):
+    if declared:
         mask = np.zeros(array.shape, dtype=bool)
         for band, value in enumerate(nodata):
             if value is not None and not np.isnan(value):
                 mask[band] = array[band] == np.asarray(value).astype(array.dtype)
     with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf: counted as such
-        return array.astype(np.float32), geo, mask
+        return array.astype(np.float32), geo, mask, (float(declared[0]) if declared else None)
+
+
+def transform_input(array: np.ndarray, spec: Mapping[str, Any] | None, *, nodata: float | None = None) -> np.ndarray:
+    """The training dataset's raw-value transform (:mod:`sgma.data.preprocess`; None: identity).
+
+    NaN and inf keep their raw value, so :func:`fill_invalid` still counts them and marks them nodata (the
+    transforms would turn inf into a clipped value, and heights_above_ground NaN into 0 m)."""
+    if not spec:
+        return array
+    out = apply_input_transform(array, spec, nodata=nodata)
+    return np.where(np.isfinite(array), out, array).astype(np.float32, copy=False)
 
 
 def read_inputs(
-    folder: str | Path, modalities: Sequence[Modality]
+    files: Mapping[str, Path],
+    modalities: Sequence[Modality],
+    transforms: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, dict[str, np.ndarray | None]]:
-    """Read one raster per modality; check band counts and that all sizes agree; keep the first georeference.
+    """Read one scene (modality name -> raster), check band counts and sizes, apply ``transforms``.
 
-    Returns the float32 arrays, the georeference and each modality's nodata mask (see :func:`read_input_raster`).
+    Returns the float32 arrays (transformed as the training dataset did: ``transforms`` maps a modality to a
+    :func:`~sgma.data.preprocess.apply_input_transform` spec), the first georeference and each modality's
+    nodata mask (see :func:`read_input_raster`; computed on the raw values, so it stays valid).
     """
-    files = find_modality_files(folder, [m.name for m in modalities])
-    arrays, geo, sizes, masks = {}, None, {}, {}
+    arrays, geo, masks, nodata, shapes = {}, None, {}, {}, {}
     for m in modalities:
-        array, g, mask = read_input_raster(files[m.name])
-        if array.shape[0] != m.channels:
-            raise ValueError(
-                f"{str(files[m.name])!r} has {array.shape[0]} band(s) but modality {m.name!r} has {m.channels}"
-            )
-        arrays[m.name], masks[m.name] = array, mask
-        sizes[files[m.name].name] = tuple(array.shape[1:])
+        array, g, masks[m.name], nodata[m.name] = read_input_raster(files[m.name])
+        arrays[m.name] = array
+        shapes[m.name] = (files[m.name], *array.shape)
         geo = geo or g
-    if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{n}: {h}x{w}" for n, (h, w) in sizes.items())
-        raise ValueError(f"input rasters have different sizes ({listed}); every modality must cover the same grid")
+    _check_grid(shapes, modalities)
+    for m in modalities:
+        arrays[m.name] = transform_input(arrays[m.name], (transforms or {}).get(m.name), nodata=nodata[m.name])
     return arrays, geo, masks
 
 
@@ -549,14 +698,24 @@ def check_output_dir(path: str | Path, *, key: str = "output_dir") -> Path:
 
 
 def check_no_outputs(out: Path, names: Sequence[str], *, overwrite: bool) -> None:
-    """Refuse to replace earlier outputs unless ``overwrite``; a folder in an output's place is always an error."""
+    """Refuse to replace earlier outputs unless ``overwrite``; a folder in an output's place is always an error.
+
+    ``names`` are relative to ``out`` (``P_0000/prediction.tif`` in batch mode: a file in a scene folder's
+    place is an error too)."""
+    scene_dirs = sorted({str(Path(n).parent) for n in names} - {"."})
+    blocked = [d for d in scene_dirs if (out / d).exists() and not (out / d).is_dir()]
+    if blocked:
+        raise NotADirectoryError(
+            f"output_dir={str(out)!r} has file(s) where scene folders go: {_shortlist(blocked)}: move them or "
+            f"choose another output_dir=DIR"
+        )
     folders = [n for n in names if (out / n).is_dir()]
     if folders:
-        raise IsADirectoryError(f"output_dir={str(out)!r} has folder(s) named like outputs: {', '.join(folders)}")
+        raise IsADirectoryError(f"output_dir={str(out)!r} has folder(s) named like outputs: {_shortlist(folders)}")
     existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"output_dir={str(out)!r} already holds {', '.join(existing)} (an earlier prediction?): pass "
+            f"output_dir={str(out)!r} already holds {_shortlist(existing)} (an earlier prediction?): pass "
             f"overwrite=true to replace them, or choose another output_dir=DIR"
         )
 
@@ -591,15 +750,29 @@ class _Staging:
 
 # --------------------------------------------------------------------------------------------- predict
 def predict(cfg: Any) -> dict[str, Any]:
-    """``predict.py``: label map (and optional robustness maps) of one input folder under one pattern.
+    """``predict.py``: label maps (and optional robustness maps) of one scene or a folder of scenes.
 
-    ``cfg.input`` is a folder with one raster per modality of ``cfg.pattern``, named ``<modality>.tif``
-    (or .png / .jpg). Outputs go to ``cfg.output_dir`` (default: the run folder): ``prediction.tif`` (RGB
-    palette colours, the input's CRS/transform) when an input is georeferenced, else ``prediction.png``;
-    with ``robustness=true`` also ``robustness.tif`` (float32, one band per available modality) or
-    ``robustness_<modality>.png`` (8-bit, 255 = 1.0). Input pixels with NaN, inf or the raster's nodata value
-    are filled, counted in a warning and marked nodata in every output; ``classes`` has 255 there.
-    Existing outputs are replaced only with ``overwrite=true``.
+    ``cfg.input`` is a folder in one of two layouts (:func:`find_scenes`):
+
+    - one scene: one raster per modality of ``cfg.pattern``, named ``<modality>.tif`` (or .png / .jpg);
+      outputs go to ``cfg.output_dir`` (default: the run folder);
+    - many scenes: one folder per modality, ``<modality>/<stem>.tif`` (DFC2023's released ``val/`` and
+      ``test/``, the folder dataset's tree): every stem of the first modality's folder is predicted into
+      ``<output_dir>/<stem>/``. All scenes are found, their headers checked (bands, sizes) and every output
+      name checked for collisions before the model is loaded (once); a failing scene stops the run with an
+      error naming the scenes already written.
+
+    Per scene: ``prediction.tif`` (RGB palette colours, the input's CRS/transform) when an input is
+    georeferenced, else ``prediction.png``; with ``robustness=true`` also ``robustness.tif`` (float32, one
+    band per available modality) or ``robustness_<modality>.png`` (8-bit, 255 = 1.0). The training dataset's
+    raw-value transforms stored in the checkpoint (``input_transforms``, e.g. DFC2023's linear SAR -> dB) are
+    applied to each raster right after reading it. Input pixels with NaN, inf or the raster's nodata value
+    are then filled, counted in a warning and marked nodata in every output (255 in ``classes``). Existing
+    outputs are replaced only with ``overwrite=true``; each scene's files appear whole (staged, then renamed).
+
+    Returns, for one scene, ``{"pattern", "classes", "files", "georeferenced", "nodata_pixels",
+    "invalid_counts"}``; for many, ``{"pattern", "scenes": {stem: the same dict without "classes"}}`` (a
+    class map per scene would keep every scene in memory: read ``prediction.*`` instead).
     """
     from omegaconf import OmegaConf, open_dict
 
@@ -607,7 +780,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     from sgma.utils import instantiate
 
     if not cfg.get("input"):
-        raise ValueError("predict needs input=FOLDER holding one raster per modality (<modality>.tif, .png, .jpg)")
+        raise ValueError(f"predict needs input=FOLDER in one of two layouts: {LAYOUTS}")
     out_dir = check_output_dir(cfg.output_dir)  # before anything slow
     overwrite = bool(cfg.get("overwrite", False))
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
@@ -616,15 +789,17 @@ def predict(cfg: Any) -> dict[str, Any]:
         if cfg.get("data_root"):
             run_cfg.dataset.builder.root = str(cfg.data_root)
     facts = ckpt[CHECKPOINT_KEY].get("dataset")
-    if facts:  # the checkpoint carries the normalisation, classes and palette: no training data needed
+    if facts:  # the checkpoint carries the normalisation, classes, palette and transforms: no training data needed
         modalities = [
             Modality(m["name"], m["channels"], tuple(m["mean"]), tuple(m["std"])) for m in facts["modalities"]
         ]
         num_classes, palette = len(facts["classes"]), [tuple(c) for c in facts["palette"]]
+        transforms = facts.get("input_transforms") or {}  # absent in checkpoints written before it was stored
     else:  # checkpoints written before the facts were stored: read them from the training dataset
         log.info("checkpoint has no dataset facts; reading normalisation and palette from the training dataset")
         dm = build_datamodule(run_cfg)
         modalities, num_classes, palette = list(dm.modalities), dm.num_classes, dm.palette
+        transforms = getattr(dm.dataset("train").base, "input_transforms", None) or {}
     names = [m.name for m in modalities]
     spec = cfg.get("pattern") or format_pattern(names)
     try:
@@ -633,20 +808,21 @@ def predict(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"pattern={spec!r} does not fit this model (modalities {', '.join(names)}): {err}") from err
     available = pattern_mask(pattern, modalities)
     present = [m for m, a in zip(modalities, available, strict=True) if a]
+    transforms = _transforms_for(transforms, present)
     want = bool(cfg.get("robustness", False))
+
     # every check on the inputs and outputs comes before the model is built and run
-    raw, geo, nodata_masks = read_inputs(cfg.input, present)
-    planned = output_names(geo is not None, [m.name for m in present] if want else None)
-    check_no_outputs(out_dir, planned, overwrite=overwrite)
-    raw, invalid, counts = fill_invalid(raw, present, nodata_masks)
-    h, w = next(iter(raw.values())).shape[-2:]
-    for name, c in counts.items():
-        if c["pixels"] == h * w:
-            others = [m.name for m in present if m.name != name]
-            fix = f"pattern={'+'.join(others)}" if others else "another input"
-            raise ValueError(
-                f"input modality {name!r} has no valid pixel (all NaN, inf or no-data): predict with {fix}"
-            )
+    scenes = find_scenes(cfg.input, [m.name for m in present])
+    batch = None not in scenes
+    if batch:
+        log.info("input=%s: %d scene(s) in %s/ (%s)", cfg.input, len(scenes), present[0].name, _shortlist(list(scenes)))
+    robust_names = [m.name for m in present] if want else None
+    planned = {s: output_names(check_input_headers(files, present), robust_names) for s, files in scenes.items()}
+    check_no_outputs(
+        out_dir, [f"{s}/{n}" if batch else n for s, ns in planned.items() for n in ns], overwrite=overwrite
+    )
+    stems = list(scenes)
+    first = _read_scene(scenes[stems[0]], present, transforms)  # the first scene's values fail before the model
 
     if facts:
         net = instantiate(run_cfg.model, modalities=modalities, num_classes=num_classes)
@@ -657,21 +833,115 @@ def predict(cfg: Any) -> dict[str, Any]:
         module.load_state_dict(ckpt["state_dict"])
         net = module.net
     del ckpt
-    inputs = normalise_inputs(raw, modalities, available)
-    del raw, nodata_masks
     net = net.to(device_for(cfg.trainer.accelerator)).eval()
+    run = {
+        "net": net,
+        "modalities": modalities,
+        "available": available,
+        "present": present,
+        "num_classes": num_classes,
+        "palette": palette,
+        "want": want,
+        "fusion": run_cfg.model.get("fusion"),
+        "window": {
+            "window": int(cfg.window),
+            "overlap": float(cfg.overlap),
+            "blend": str(cfg.blend),
+            "batch_size": int(cfg.batch_size),
+        },
+    }
+    if not batch:
+        return {"pattern": pattern, **_predict_scene(first, out_dir, planned[None], **run)}
+
+    results: dict[str, dict[str, Any]] = {}
+    for i, stem in enumerate(stems):
+        log.info("scene %d/%d: %s", i + 1, len(stems), stem)
+        scene_dir, created = out_dir / stem, not (out_dir / stem).exists()
+        try:
+            scene = first if i == 0 else _read_scene(scenes[stem], present, transforms)
+            first = None  # a scene's arrays are freed once it is written
+            scene_dir.mkdir(exist_ok=True)
+            result = _predict_scene(scene, scene_dir, planned[stem], label=f"{stem}: ", **run)
+        except BaseException as err:
+            if created and scene_dir.is_dir() and not any(scene_dir.iterdir()):
+                scene_dir.rmdir()  # no empty folder that looks like a scene
+            message = _batch_failure(err, out_dir, stems, i)
+            if not isinstance(err, Exception):  # interrupted (Ctrl-C): say what is on disk, then stop
+                log.error("%s", message)
+                raise
+            raise RuntimeError(message) from err
+        result.pop("classes")
+        results[stem] = result
+    log.info("%d scene(s) predicted into %s", len(stems), out_dir / "<stem>")
+    return {"pattern": pattern, "scenes": results}
+
+
+def _transforms_for(transforms: Mapping[str, Any], present: Sequence[Modality]) -> dict[str, dict[str, Any]]:
+    """The present modalities' input transforms, names checked before any file is read; logged once."""
+    out = {m.name: dict(transforms[m.name]) for m in present if transforms.get(m.name)}
+    for name, spec in out.items():
+        if spec.get("name") not in TRANSFORMS:
+            raise ValueError(
+                f"unknown input transform {spec.get('name')!r} for modality {name!r} in the checkpoint's dataset "
+                f"facts; this sgma knows {', '.join(TRANSFORMS)} (was the checkpoint written by a newer version?)"
+            )
+    if out:
+        described = "; ".join(
+            f"{name}: {spec['name']}({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'name')})"
+            for name, spec in out.items()
+        )
+        log.info("raw input values are transformed as in training: %s", described)
+    return out
+
+
+def _read_scene(
+    files: Mapping[str, Path], present: Sequence[Modality], transforms: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One scene's inputs, transformed, with NaN / inf / nodata filled; a modality with no valid pixel is refused."""
+    raw, geo, nodata_masks = read_inputs(files, present, transforms)
+    raw, invalid, counts = fill_invalid(raw, present, nodata_masks)
+    h, w = next(iter(raw.values())).shape[-2:]
+    for name, c in counts.items():
+        if c["pixels"] == h * w:
+            others = [m.name for m in present if m.name != name]
+            fix = f"pattern={'+'.join(others)}" if others else "another input"
+            raise ValueError(
+                f"input modality {name!r} has no valid pixel (all NaN, inf or no-data) in {str(files[name])!r}: "
+                f"predict with {fix}"
+            )
+    return {"raw": raw, "geo": geo, "invalid": invalid, "counts": counts, "size": (h, w)}
+
+
+def _predict_scene(
+    scene: dict[str, Any],
+    out_dir: Path,
+    planned: Sequence[str],
+    *,
+    net: torch.nn.Module,
+    modalities: Sequence[Modality],
+    available: Sequence[bool],
+    present: Sequence[Modality],
+    num_classes: int,
+    palette: Sequence[Sequence[int]],
+    want: bool,
+    fusion: Any,
+    window: Mapping[str, Any],
+    label: str = "",
+) -> dict[str, Any]:
+    """Predict one read scene and write its outputs into ``out_dir`` (staged, then renamed into place)."""
+    h, w = scene["size"]
+    geo, invalid, counts = scene["geo"], scene["invalid"], scene["counts"]
+    inputs = normalise_inputs(scene.pop("raw"), modalities, available)
     result = sliding_window_logits(
         net,
         inputs,
         available,
-        window=int(cfg.window),
-        overlap=float(cfg.overlap),
-        blend=str(cfg.blend),
-        batch_size=int(cfg.batch_size),
+        **window,
         num_classes=num_classes,
         return_robustness=want,
         modalities=modalities,
     )
+    del inputs
     logits, robust = result if want else (result, None)
     diverged = ~torch.isfinite(logits).all(dim=0).cpu().numpy()  # extreme inputs can overflow inside the net
     classes = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -683,8 +953,9 @@ def predict(cfg: Any) -> dict[str, Any]:
         if diverged.any():
             what.append(f"{int(diverged.sum())} pixel(s) gave non-finite logits (extreme input values?)")
         log.warning(
-            "input values without data: %s; %d pixel(s) are marked nodata in the outputs (class %d in the class "
+            "%sinput values without data: %s; %d pixel(s) are marked nodata in the outputs (class %d in the class "
             "map, masked in the rasters)",
+            label,
             "; ".join(what),
             int(invalid.sum()),
             NODATA_CLASS,
@@ -698,7 +969,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     try:
         write_raster(staging.dir / "prediction", colourise(classes, palette), geo, valid=valid)
         if want and robust is None:
-            log.warning("fusion=%s produces no robustness maps; none written", run_cfg.model.get("fusion"))
+            log.warning("fusion=%s produces no robustness maps; none written", fusion)
         elif want:
             rows = [i for i, a in enumerate(available) if a]
             maps = np.nan_to_num(robust[rows].cpu().numpy().astype(np.float32), nan=ROBUSTNESS_NODATA)
@@ -717,7 +988,7 @@ def predict(cfg: Any) -> dict[str, Any]:
         staging.discard()
         free = shutil.disk_usage(out_dir).free
         raise OSError(
-            f"writing the outputs to output_dir={str(out_dir)!r} failed ({type(err).__name__}: {err}); "
+            f"writing the outputs to {str(out_dir)!r} failed ({type(err).__name__}: {err}); "
             f"{free / 2**20:.1f} MiB free there (a full disk?). No output file was written or replaced"
         ) from err
     except BaseException:  # interrupted (Ctrl-C): same clean-up, then stop
@@ -727,12 +998,28 @@ def predict(cfg: Any) -> dict[str, Any]:
     if len(files) > 1:
         written["robustness"] = out_dir / planned[1]
     for what, path in written.items():
-        log.info("%s written to %s", what, path)
+        log.info("%s%s written to %s", label, what, path)
     return {
-        "pattern": pattern,
         "classes": classes,
         "files": written,
         "georeferenced": geo is not None,
         "nodata_pixels": 0 if invalid is None else int(invalid.sum()),
         "invalid_counts": counts,
     }
+
+
+def _batch_failure(err: BaseException, out_dir: Path, stems: Sequence[str], k: int) -> str:
+    """What is on disk after scene ``k`` failed: the scenes written whole, the failed one, the rest."""
+    done, rest = stems[:k], stems[k + 1 :]
+    written = (
+        f"{len(done)} scene(s) were written completely, each in {str(out_dir)!r}/<stem>/: {_shortlist(done)}"
+        if done
+        else "no scene was written"
+    )
+    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return (
+        f"scene {k + 1}/{len(stems)} {stems[k]!r} failed ({reason}). {written}; {stems[k]!r} has no new or partial "
+        f"output (earlier files there are unchanged); not predicted: {len(rest)} scene(s)"
+        + (f" ({_shortlist(rest)})" if rest else "")
+        + ". Fix the cause and rerun (overwrite=true replaces the scenes already written)"
+    )

@@ -44,13 +44,34 @@ def resolved_dict(cfg: DictConfig) -> dict:
 
 
 def dataset_facts(dm: MultiModalDataModule) -> dict:
-    """What inference needs from the training data: modalities with their normalisation, classes, palette."""
+    """What inference needs from the training data: modalities with their normalisation, classes, palette and
+    the raw-value transforms the dataset applied (``input_transforms``: modality -> spec, see
+    :mod:`sgma.data.preprocess`; ``{}`` for datasets without any), which predict.py applies to its rasters."""
+    import json
+
+    from sgma.data.preprocess import TRANSFORMS
+
+    base = dm.dataset("train").base
+    transforms = getattr(base, "input_transforms", None) or {}
+    for name, spec in transforms.items():
+        if spec.get("name") not in TRANSFORMS:
+            raise ValueError(
+                f"{type(base).__name__}.input_transforms[{name!r}] names {spec.get('name')!r}; known transforms: "
+                f"{', '.join(TRANSFORMS)}"
+            )
+
+    def plain(value: Any) -> Any:  # numpy scalars -> Python: the checkpoint is read back with weights_only=True
+        if hasattr(value, "item"):
+            return value.item()
+        raise TypeError(f"{type(base).__name__}.input_transforms holds {value!r}, which is not a plain number/string")
+
     return {
         "modalities": [
             {"name": m.name, "channels": m.channels, "mean": list(m.mean), "std": list(m.std)} for m in dm.modalities
         ],
         "classes": list(dm.classes),
         "palette": [list(c) for c in dm.palette],
+        "input_transforms": json.loads(json.dumps({str(k): dict(v) for k, v in transforms.items()}, default=plain)),
     }
 
 
