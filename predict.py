@@ -1,4 +1,4 @@
-"""Label map of one input folder.
+"""Label maps of one scene folder (<modality>.tif per modality) or of a folder of scenes (<modality>/<stem>.tif).
 
 ``python predict.py ckpt_path=PATH input=FOLDER [pattern=rgb+dsm] [robustness=true] [overwrite=true]``
 """
