@@ -1,47 +1,65 @@
 """DELIVER (autonomous driving under adverse conditions; RGB, depth, event and LiDAR; ``dataset=deliver``).
 
-Layout under ``root`` (one folder per modality, then condition, split and sequence)::
+The release (jamycheung/DELIVER, front-view archive) after a plain unzip; ``root`` may be this folder or one
+above it (the folder holding ``img/`` and ``semantic/`` is searched up to :data:`SEARCH_DEPTH` levels down)::
 
-    img/<condition>/<split>/<sequence>/<frame>_rgb_<view>.png            # 1024 x 1024, 3 channels
-    hha/<condition>/<split>/<sequence>/<frame>_depth_<view>.png          # HHA-like, 3 channels
-    event/<condition>/<split>/<sequence>/<frame>_event_<view>.png        # stored as 3 channels
-    lidar/<condition>/<split>/<sequence>/<frame>_lidar_<view>.png        # stored as 3 channels
-    semantic/<condition>/<split>/<sequence>/<frame>_semantic_<view>.png  # label = first channel
+    DELIVER/img/<condition>/<split>/<sequence>/<frame>_rgb_front.png        # 1042 x 1042
+    DELIVER/hha/<condition>/<split>/<sequence>/<frame>_depth_front.png      # the ``depth`` modality (HHA)
+    DELIVER/event/<condition>/<split>/<sequence>/<frame>_event_front.png    # 512 x 512 in *_eventlowres sequences
+    DELIVER/lidar/<condition>/<split>/<sequence>/<frame>_lidar_front.png
+    DELIVER/semantic/<condition>/<split>/<sequence>/<frame>_semantic_front.png   # RGBA, label in channel 0
+    DELIVER/depth/...                                                         # raw depth: not read, as DELIVER
 
-Conditions are ``cloud``, ``fog``, ``night``, ``rain`` and ``sun``; splits ``train``, ``val`` and ``test``.
-Frames are found from the rgb files; every other modality and the label must exist for each of them.
-Labels are the first channel of the semantic png: 0 is unlabelled (-> 255, ignored), ``v`` in 1..25 is class
-``v - 1``; larger values are ignored too and counted in the manifest. Single-channel modalities are stored
-as 3-channel images and kept as 3 channels.
+Conditions are ``cloud``, ``fog``, ``night``, ``rain`` and ``sun``; splits ``train``, ``val`` and ``test``;
+sequences ``MAP_<n>_point<k>``, sensor-failure cases as a suffix (``..._eventlowres``). Frames are found from
+the rgb files; the other files of a frame are derived from its path as DELIVER's ``semseg/datasets/deliver.py``
+does (``img`` -> ``hha``/``event``/``lidar``/``semantic``, ``_rgb`` -> ``_depth``/``_event``/``_lidar``/
+``_semantic``) and must all exist (one message lists what is missing per modality). Event images of another
+size (only in ``*_eventlowres`` sequences) are resized to the frame size with nearest neighbour, as DELIVER
+does; every other size mismatch is an error. Labels are channel 0 of the semantic png: 0 and 255 are
+unlabelled (-> 255, ignored), ``v`` in 1..25 is class ``v - 1``; larger values are ignored too and counted
+in the manifest. Single-channel and RGBA modalities become 3 channels (DELIVER's ``_open_img``).
+
+``resize`` (default 1024) resizes every frame of every split when it is decoded as CMNeXt's evaluation
+``Resize`` does (shortest side to ``resize``, then each side up to a multiple of 32; bilinear, the label
+nearest): 1042 -> 1024, so val/test with ``dataset.size=1024`` score the whole 1024 frame as the published
+DELIVER/CMNeXt numbers do. ``resize=None`` keeps the native 1042 frames, scored with a sliding window:
+numbers not comparable with the published ones.
 
 Every frame is decoded once into the memory-mapped cache of :mod:`sgma.data.tiles`
-(``<root>/.sgma_cache/deliver-v<version>/`` for all conditions, ``deliver-<c1+c2>-v<version>/`` for a subset,
-or ``cache_dir``), whose manifest also stores the per-modality mean/std measured on the train frames of the
-selected conditions (written atomically with the cache).
+(``<root>/.sgma_cache/deliver[-<c1+c2>][-native|-resize<N>]-v<version>/``, or ``cache_dir``), whose manifest
+also stores the per-modality mean/std measured on the train frames of the selected conditions. A full cache
+takes :attr:`Deliver.bytes_per_pixel` bytes per pixel (about 110 GB for the release); ``cache=False`` keeps
+only the manifest (``...-manifest-v<version>/``) and decodes each sample's frame from its PNGs instead.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from sgma.data.discovery import SKIPPED_DIRS, FileIndex, sample
 from sgma.data.tiles import (
     CachedCropDataset,
     PreparedTile,
     TileCache,
     check_crop_size,
     default_cache_dir,
+    file_state,
     folder_state,
-    not_files,
     read_error,
 )
 from sgma.modalities import Modality, parse_pattern
+
+log = logging.getLogger("sgma")
 
 NAME = "deliver"
 CLASSES = (
@@ -71,13 +89,14 @@ CLASSES = (
     "bus",
     "truck",
 )
+# DELIVER's own palette (semseg/datasets/deliver.py), one colour per class in CLASSES' order
 PALETTE = (
     (70, 70, 70),  # building
-    (190, 153, 153),  # fence
-    (110, 110, 160),  # other
+    (100, 40, 40),  # fence
+    (55, 90, 80),  # other
     (220, 20, 60),  # pedestrian
     (153, 153, 153),  # pole
-    (255, 255, 255),  # roadline
+    (157, 234, 50),  # roadline
     (128, 64, 128),  # road
     (244, 35, 232),  # sidewalk
     (107, 142, 35),  # vegetation
@@ -101,7 +120,7 @@ PALETTE = (
 IGNORE = 255
 SPLITS = ("train", "val", "test")
 CONDITIONS = ("cloud", "fog", "night", "rain", "sun")
-# modality -> (folder, file-name tag, channels); canonical order
+# modality -> (folder, file-name tag, channels); canonical order. The depth modality is DELIVER's HHA folder.
 MODALITIES = {
     "rgb": ("img", "rgb", 3),
     "depth": ("hha", "depth", 3),
@@ -110,11 +129,14 @@ MODALITIES = {
 }
 LABEL = ("semantic", "semantic")  # (folder, tag)
 RGB_FILE = re.compile(r"^(?P<frame>.+)_rgb_(?P<view>[^_]+)\.png$", re.IGNORECASE)
+LOWRES_EVENT = "eventlowres"  # the sequences (folder-name suffix) whose event images are smaller than the frame
+DEFAULT_RESIZE = 1024  # CMNeXt's evaluation size: the published numbers score 1024 x 1024 frames
+SEARCH_DEPTH = 3  # folders below the root searched for the one holding img/ and semantic/
 SOURCE = "the DELIVER dataset released by the authors of DELIVER/CMNeXt (Zhang et al., CVPR 2023)"
 TREE = """\
-<root>/
-  img/<condition>/<split>/<sequence>/<frame>_rgb_<view>.png        (1024 x 1024)
-  hha/<condition>/<split>/<sequence>/<frame>_depth_<view>.png
+<root>/[DELIVER/]
+  img/<condition>/<split>/<sequence>/<frame>_rgb_<view>.png        (1042 x 1042)
+  hha/<condition>/<split>/<sequence>/<frame>_depth_<view>.png      (the depth modality; depth/ is not read)
   event/<condition>/<split>/<sequence>/<frame>_event_<view>.png
   lidar/<condition>/<split>/<sequence>/<frame>_lidar_<view>.png
   semantic/<condition>/<split>/<sequence>/<frame>_semantic_<view>.png
@@ -132,7 +154,8 @@ def _unreadable(path: Path, err: BaseException) -> OSError:
 
 
 def frame_files(root: Path, condition: str, split: str, sequence: str, frame: str, view: str) -> dict[str, Path]:
-    """Every file of one frame: modality name (and ``"semantic"``) -> path."""
+    """Every file of one frame: modality name (and ``"semantic"``) -> path, as DELIVER derives them from the
+    rgb path (``root`` is the folder holding ``img/``)."""
     out = {}
     for m, (folder, tag, _) in MODALITIES.items():
         out[m] = root / folder / condition / split / sequence / f"{frame}_{tag}_{view}.png"
@@ -141,14 +164,36 @@ def frame_files(root: Path, condition: str, split: str, sequence: str, frame: st
 
 
 def decode_label(semantic: np.ndarray) -> tuple[np.ndarray, int]:
-    """Class ids (H, W) uint8 from a semantic png array (first channel): 0 -> 255, v -> v - 1; values above
-    the 25 classes are ignored as well. Returns the ids and the number of such out-of-range pixels."""
+    """Class ids (H, W) uint8 from a semantic png array (channel 0 of RGBA/RGB, or grey): 0 and 255 -> 255
+    (ignored, as DELIVER's uint8 ``label - 1``), v in 1..25 -> v - 1; values 26..254 are ignored as well.
+    Returns the ids and the number of such out-of-range pixels."""
     raw = semantic[..., 0] if semantic.ndim == 3 else semantic
     raw = raw.astype(np.int64)
     out = raw - 1
-    unknown = raw > len(CLASSES)
-    out[(raw == 0) | unknown] = IGNORE
+    unknown = (raw > len(CLASSES)) & (raw != IGNORE)
+    out[(raw == 0) | (raw == IGNORE) | unknown] = IGNORE
     return out.astype(np.uint8), int(unknown.sum())
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CMNeXt's ``Resize(size)``: the shortest side scaled to ``size``, then each side rounded up to a
+    multiple of 32. Returns both steps' (H, W) (1042 x 1042 -> 1024 x 1024, already aligned)."""
+    scale = size / min(height, width)
+    h, w = round(height * scale), round(width * scale)
+    return (h, w), (math.ceil(h / 32) * 32, math.ceil(w / 32) * 32)
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """(C, H, W) or (H, W) uint8 resized to ``size`` (H, W), bilinear or nearest, per channel with PIL."""
+    from PIL import Image
+
+    if array.shape[-2:] == tuple(size):
+        return array
+    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    h, w = size
+    planes = array[None] if array.ndim == 2 else array
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((w, h), mode)) for c in planes])
+    return out[0] if array.ndim == 2 else out
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -193,11 +238,43 @@ def _as_three_channels(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def find_dataset_folder(root: Path, depth: int = SEARCH_DEPTH) -> Path:
+    """The folder holding ``img/`` and ``semantic/``: ``root`` itself or the shallowest one below it (a
+    release unzipped into ``<root>/DELIVER/``); several at the same depth are ambiguous."""
+    level = [root]
+    for _ in range(depth + 1):
+        found = [d for d in level if (d / MODALITIES["rgb"][0]).is_dir() and (d / LABEL[0]).is_dir()]
+        if len(found) > 1:
+            raise ValueError(
+                f"{NAME}: several DELIVER folders under dataset.builder.root={str(root)!r}: "
+                f"{', '.join(str(f) for f in found[:4])}; set dataset.builder.root to the one to use"
+            )
+        if found:
+            return found[0]
+        below = []
+        for d in level:
+            try:
+                below += sorted(
+                    p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIPPED_DIRS
+                )
+            except OSError:  # an unreadable sub-folder cannot hold the release we can read
+                continue
+        level = below
+    raise _missing_data(
+        f"no folder holding both img/ and semantic/ in dataset.builder.root={str(root)!r} or its sub-folders to "
+        f"{depth} levels (the root holds {sorted(p.name for p in root.iterdir())[:8]})"
+    )
+
+
 class Deliver(CachedCropDataset):
     """DELIVER semantic segmentation (25 classes; modalities rgb, depth, event, lidar)."""
 
     item_name = "images"
     bytes_per_pixel = 3 * len(MODALITIES) + 1  # uint8 frames and mask
+    disk_hint = (
+        "or set dataset.builder.cache=false to read the frames from their PNGs on demand (nothing but a manifest "
+        "is written; each sample then decodes its frame, so training is slower)"
+    )
 
     classes: ClassVar[tuple[str, ...]] = CLASSES
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
@@ -215,6 +292,8 @@ class Deliver(CachedCropDataset):
         seed: int = 0,
         modalities: Sequence[str] | str | None = None,
         skip_incomplete: bool = False,
+        resize: int | None = DEFAULT_RESIZE,
+        cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
     ) -> None:
@@ -223,6 +302,9 @@ class Deliver(CachedCropDataset):
         self.split = split
         self.crop_size = check_crop_size(crop_size)
         self.conditions = self._conditions(conditions)
+        self.resize = self._resize_option(resize)
+        if not isinstance(cache, bool):
+            raise ValueError(f"dataset.builder.cache={cache!r} must be true or false")
         if root is None or str(root) in ("", "???"):
             raise _missing_data("no data folder given: set dataset.builder.root=/path/to/DELIVER")
         self.root = Path(root).expanduser()
@@ -231,16 +313,20 @@ class Deliver(CachedCropDataset):
         sources, splits = self._verify()
         if cache_dir is None:
             tag = NAME if self.conditions == CONDITIONS else f"{NAME}-{'+'.join(self.conditions)}"
-            cache_dir = default_cache_dir(self.root, tag)
+            if self.resize != DEFAULT_RESIZE:
+                tag += "-native" if self.resize is None else f"-resize{self.resize}"
+            cache_dir = default_cache_dir(self.root, tag if cache else f"{tag}-manifest")
         self.cache = TileCache(
             cache_dir,
             dataset=NAME,
             sources=sources,
             splits=splits,
-            options={"conditions": list(self.conditions)},
+            options={"conditions": list(self.conditions), "resize": self.resize},
             stat_keys=tuple(MODALITIES),
+            store_arrays=cache,
         )
         self._prepare_cache(sources, self._load, progress=progress)
+        self._note_event_resizes()
         self.modalities: tuple[Modality, ...] = tuple(
             Modality(n, MODALITIES[n][2], *self.cache.stats(n)) for n in names
         )
@@ -260,83 +346,143 @@ class Deliver(CachedCropDataset):
             )
         return tuple(c for c in CONDITIONS if c in listed)  # canonical order, duplicates dropped
 
+    @staticmethod
+    def _resize_option(resize: int | None) -> int | None:
+        if resize is None:
+            return None
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < 32:
+            raise ValueError(
+                f"dataset.builder.resize={resize!r} must be a whole number of pixels >= 32 (the shortest side after "
+                f"resizing; {DEFAULT_RESIZE} as the published DELIVER/CMNeXt evaluation) or null (native frames)"
+            )
+        return resize
+
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
+        """Find the frames from the rgb files and every file derived from them; raise one message listing
+        what is missing per modality (or drop those frames with a warning when ``skip_incomplete``)."""
         state = folder_state(self.root)
         if state is not None:
             raise _missing_data(f"root {str(self.root)!r} {state}")
-        entries = [p.name for p in self.root.iterdir() if p.name != ".sgma_cache"]
-        if not entries:
+        if not any(p.name != ".sgma_cache" for p in self.root.iterdir()):
             raise _missing_data(f"root {str(self.root)!r} is empty")
-        rgb_dir = self.root / MODALITIES["rgb"][0]
-        if not rgb_dir.is_dir():
-            raise _missing_data(f"no {rgb_dir.name}/ folder in {str(self.root)!r} (it holds {sorted(entries)[:8]})")
-        needed = ["train", *([self.split] if self.split != "train" else [])]
-        sources: dict[str, dict[str, Path]] = {}
-        splits: dict[str, list[str]] = {}
-        for split in SPLITS:
-            tiles: list[str] = []
-            for condition in self.conditions:
-                folder = rgb_dir / condition / split
-                if not folder.is_dir():
-                    continue
-                for seq_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-                    for png in sorted(seq_dir.iterdir()):
-                        match = RGB_FILE.match(png.name)
-                        if not match:
-                            continue
-                        frame, view = match["frame"], match["view"]
-                        files = frame_files(self.root, condition, split, seq_dir.name, frame, view)
-                        problems = not_files(list(files.values()))
-                        tile = f"{split}__{condition}__{seq_dir.name}__{frame}_{view}"
-                        if problems:
-                            if not self.skip_incomplete:
-                                raise FileNotFoundError(
-                                    f"{NAME}: {'; '.join(problems)} (its rgb image {png} exists); put the file "
-                                    f"there (extract it again) or set dataset.builder.skip_incomplete=true to drop "
-                                    f"incomplete frames with a warning"
-                                )
-                            warnings.warn(
-                                f"{NAME}: dropping {condition}/{split}/{seq_dir.name}/{frame}_{view}: "
-                                f"{'; '.join(problems)}",
-                                stacklevel=3,
-                            )
-                            continue
-                        sources[tile] = files
-                        tiles.append(tile)
-            if tiles:
-                splits[split] = tiles
-            elif split in needed:
+        self.folder = find_dataset_folder(self.root)
+        index = FileIndex(self.folder)
+        on_disk = set(index.files)
+        rgb_folder = MODALITIES["rgb"][0]
+        frames: dict[str, dict[str, Path]] = {}  # tile -> files, every frame found (in SPLITS order)
+        for path in index.files:
+            parts = path.relative_to(self.folder).parts  # img/<condition>/<split>/<sequence>/<file>
+            match = RGB_FILE.match(parts[-1])
+            if len(parts) != 5 or parts[0] != rgb_folder or not match:
+                continue
+            _, condition, split, sequence, _ = parts
+            if condition in self.conditions and split in SPLITS:
+                tile = f"{split}__{condition}__{sequence}__{match['frame']}_{match['view']}"
+                frames[tile] = frame_files(self.folder, condition, split, sequence, match["frame"], match["view"])
+        frames = dict(sorted(frames.items(), key=lambda kv: (SPLITS.index(kv[0].split("__")[0]), kv[0])))
+        missing = {k: [t for t, files in frames.items() if files[k] not in on_disk] for k in (*MODALITIES, LABEL[0])}
+        incomplete = {t for tiles in missing.values() for t in tiles}
+        if incomplete and not self.skip_incomplete:
+            raise FileNotFoundError(self._missing_message(index, frames, missing))
+        if incomplete:
+            warnings.warn(
+                f"{NAME}: dropping {len(incomplete)} of {len(frames)} frame(s) that lack a file "
+                f"(skip_incomplete=true): {sample(sorted(t.replace('__', '/') for t in incomplete))}",
+                stacklevel=3,
+            )
+        sources = {t: files for t, files in frames.items() if t not in incomplete}
+        splits = {s: [t for t in sources if t.startswith(f"{s}__")] for s in SPLITS}
+        splits = {s: tiles for s, tiles in splits.items() if tiles}
+        for needed in dict.fromkeys(("train", self.split)):
+            if needed not in splits:
+                counts = {s: len(t) for s, t in splits.items()}
                 raise _missing_data(
-                    f"no complete {split} frame for condition(s) {', '.join(self.conditions)} under {rgb_dir}"
+                    f"no complete {needed} frame for condition(s) {', '.join(self.conditions)} under "
+                    f"{self.folder / rgb_folder} (complete frames per split: {counts or 'none'}; {index.searched()})"
                 )
         return sources, splits
 
-    def _check_sizes(self, key: str, files: dict[str, Path]) -> tuple[int, int]:
-        size = _png_size(files["rgb"])
+    def _missing_message(
+        self, index: FileIndex, frames: Mapping[str, dict[str, Path]], missing: Mapping[str, list[str]]
+    ) -> str:
+        """What was found and what is missing per modality, with a few examples, and where the search looked."""
+        pattern = "<condition>/<split>/<sequence>/<frame>_{}_<view>.png"
+        lines = [
+            f"{NAME}: files missing in the DELIVER folder {str(self.folder)!r} (found under dataset.builder.root="
+            f"{str(self.root)!r}). Every frame img/{pattern.format('rgb')} needs the files DELIVER's loader derives "
+            f"from its path ({len(frames)} frames found for condition(s) {', '.join(self.conditions)}):"
+        ]
         for key in (*MODALITIES, LABEL[0]):
-            other = _png_size(files[key])
-            if other != size:
-                raise ValueError(
-                    f"size mismatch: {files[key]} is {other[0]} x {other[1]} px but {files['rgb']} is "
-                    f"{size[0]} x {size[1]} px"
-                )
-        return size
+            folder, tag = (MODALITIES[key][0], MODALITIES[key][1]) if key in MODALITIES else LABEL
+            what = "labels" if key == LABEL[0] else key
+            line = f"  - {what} ({folder}/{pattern.format(tag)}): {len(frames) - len(missing[key])}/{len(frames)} found"
+            if missing[key]:
+                shown = [frames[t][key] for t in missing[key][:3]]
+                examples = "; ".join(f"{index.relative(p)} {file_state(p) or 'is not indexed'}" for p in shown)
+                line += f"; {len(missing[key])} missing, e.g. {examples}"
+            if key == "depth":
+                line += " (the depth modality is read from hha/, not depth/, as DELIVER does)"
+            lines.append(line)
+        lines.append(
+            f"({index.searched()}) Put the missing files there (they come in the same DELIVER archive as img/, "
+            f"{SOURCE}) or set dataset.builder.skip_incomplete=true to drop the incomplete frames with a warning."
+        )
+        return "\n".join(lines)
+
+    def _check_sizes(self, key: str, files: dict[str, Path]) -> tuple[int, int]:
+        """Every file of the frame has the rgb size, except event images of ``*_eventlowres`` sequences (same
+        aspect, resized when decoded); returns the size as cached (after ``resize``)."""
+        size = _png_size(files["rgb"])
+        for name in (*MODALITIES, LABEL[0]):
+            other = _png_size(files[name])
+            if other == size:
+                continue
+            lowres = name == "event" and LOWRES_EVENT in files["rgb"].parent.name
+            if lowres and other[0] * size[1] == other[1] * size[0]:
+                continue
+            allowed = "" if name == "event" else " (only event images of *_eventlowres sequences may be smaller)"
+            raise ValueError(
+                f"size mismatch: {files[name]} is {other[0]} x {other[1]} px but {files['rgb']} is "
+                f"{size[0]} x {size[1]} px{allowed}; replace the file with the release's"
+            )
+        return size if self.resize is None else resized_shape(*size, self.resize)[1]
 
     # -- decoding -------------------------------------------------------------------------------------
     def _load(self, tile: str) -> PreparedTile:
         files = {k: Path(v) for k, v in self.cache.sources[tile].items()}
         arrays = {m: _as_three_channels(_read_png(files[m]), files[m]) for m in MODALITIES}
         mask, unknown = decode_label(_read_png(files[LABEL[0]]))
-        return PreparedTile(
-            arrays={**arrays, "mask": mask},
-            info={"ignored_pixels": int((mask == IGNORE).sum()), "out_of_range_label_pixels": unknown},
-        )
+        info: dict[str, object] = {}
+        frame = arrays["rgb"].shape[1:]
+        if arrays["event"].shape[1:] != frame:  # *_eventlowres: nearest to the frame size, as DELIVER
+            info["event_resized_from"] = list(arrays["event"].shape[1:])
+            arrays["event"] = _resize(arrays["event"], frame, nearest=True)
+        if self.resize is not None:  # CMNeXt's Resize: two steps, bilinear images, nearest label
+            for step in resized_shape(*frame, self.resize):
+                arrays = {m: _resize(a, step, nearest=False) for m, a in arrays.items()}
+                mask = _resize(mask, step, nearest=True)
+        info.update({"ignored_pixels": int((mask == IGNORE).sum()), "out_of_range_label_pixels": unknown})
+        return PreparedTile(arrays={**arrays, "mask": mask}, info=info)
+
+    def _note_event_resizes(self) -> None:
+        tiles = self.manifest["splits"].get(self.split, [])
+        resized = [t for t in tiles if "event_resized_from" in self.manifest["tiles"][t]["info"]]
+        if resized:
+            h, w = self.manifest["tiles"][resized[0]]["info"]["event_resized_from"]
+            log.info(
+                "%s %s: %d of %d frames have smaller event images (e.g. %d x %d in %s), resized to the frame with "
+                "nearest neighbour as DELIVER does",
+                NAME,
+                self.split,
+                len(resized),
+                len(tiles),
+                h,
+                w,
+                resized[0].replace("__", "/"),
+            )
 
     # -- dataset protocol (shared parts in tiles.CachedCropDataset) ---------------------------------
     @property
     def images(self) -> list[str]:
         return list(self.crops.shapes)
-
-
-# ------------------------------------------------------------------------------------------- fake data

@@ -30,6 +30,13 @@ Preparation is atomic and happens once, whoever asks:
   another process prepares: it would hold the lock);
 * folders and files are created with the process's umask (``0o755`` / ``0o644`` under the usual ``022``),
   so a cache prepared in a shared data root is readable by the group as the user's umask intends.
+
+Manifest only (``TileCache(..., store_arrays=False)``, a dataset's ``cache: false``): for datasets whose full
+cache would not fit on disk (DELIVER: about 13 bytes per pixel, some 110 GB). Preparation is the same (once,
+atomic, under the lock) and decodes every tile once for its shape, its info and the train statistics, but
+writes only ``manifest.json`` (marked ``"arrays_stored": false``, so it never passes for a full cache or the
+reverse); :meth:`TileCache.array` then decodes the tile from its source files with the dataset's load
+function, keeping the last decoded tile per process so the keys of one sample decode it once.
 """
 
 from __future__ import annotations
@@ -400,9 +407,10 @@ def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def check_disk_space(cache_dir: Path, needed: int, dataset: str, items: int) -> None:
+def check_disk_space(cache_dir: Path, needed: int, dataset: str, items: int, hint: str = "") -> None:
     """Log what preparing a cache of ``needed`` bytes will take and refuse to start when the disk of
-    ``cache_dir`` has less room than that (a full disk midway costs the whole preparation)."""
+    ``cache_dir`` has less room than that (a full disk midway costs the whole preparation). ``hint`` is a
+    dataset's own way out, added to the refusal (e.g. reading the frames without a cache)."""
     existing = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     log.info(
@@ -416,8 +424,8 @@ def check_disk_space(cache_dir: Path, needed: int, dataset: str, items: int) -> 
     if needed > free:
         raise TilePreparationError(
             f"the {dataset} tile cache needs about {needed / 1e9:.2f} GB ({items} images) but {existing} has "
-            f"{free / 1e9:.2f} GB free; set dataset.builder.cache_dir=<a folder with room> (or free space). Nothing "
-            f"was written"
+            f"{free / 1e9:.2f} GB free; set dataset.builder.cache_dir=<a folder with room> (or free space)"
+            f"{'; ' + hint if hint else ''}. Nothing was written"
         )
 
 
@@ -427,6 +435,7 @@ class TileCache:
     ``sources`` maps tile -> {role: path} (every file the tile's content depends on), ``splits`` maps split
     -> tile ids, ``options`` are the settings that change the content (a different value rebuilds), and
     ``stat_keys`` are the keys whose per-channel mean/std are measured on ``stats_split``.
+    ``store_arrays=False`` keeps only the manifest and decodes tiles on demand (module docstring).
     """
 
     def __init__(
@@ -439,8 +448,12 @@ class TileCache:
         options: Mapping[str, Any] | None = None,
         stat_keys: Sequence[str] = (),
         stats_split: str = "train",
+        store_arrays: bool = True,
     ) -> None:
         self.dir = Path(cache_dir)
+        self.store_arrays = bool(store_arrays)
+        self._load: Callable[[str], PreparedTile] | None = None  # manifest only: decodes a tile on demand
+        self._decoded: tuple[str, dict[str, np.ndarray]] | None = None  # manifest only: the last tile decoded
         self.dataset = dataset
         self.sources = {t: {k: str(p) for k, p in files.items()} for t, files in sources.items()}
         self.splits = {s: list(tiles) for s, tiles in splits.items()}
@@ -476,6 +489,9 @@ class TileCache:
             return f"cache format version {manifest.get('version')} != {CACHE_VERSION}"
         if manifest.get("dataset") != self.dataset:
             return f"cache is for dataset {manifest.get('dataset')!r}"
+        if manifest.get("arrays_stored", True) != self.store_arrays:
+            held = "arrays" if manifest.get("arrays_stored", True) else "only a manifest"
+            return f"the folder holds {held}, this run wants {'arrays' if self.store_arrays else 'only a manifest'}"
         if manifest.get("options") != self.options:
             return f"options changed: {manifest.get('options')} -> {self.options}"
         if manifest.get("requested_splits") != self.splits:
@@ -492,7 +508,7 @@ class TileCache:
                 if manifest.get("sources", {}).get(t, {}).get(k) != fp
             )
             return f"source files changed: {', '.join(changed[:5]) or 'tile set'}"
-        if _VERIFIED.get(str(self.dir)) != (st.st_ino, st.st_mtime_ns):
+        if self.store_arrays and _VERIFIED.get(str(self.dir)) != (st.st_ino, st.st_mtime_ns):
             try:
                 for entry in manifest["tiles"].values():
                     for arr in entry["arrays"].values():
@@ -517,6 +533,7 @@ class TileCache:
         ``before_prepare`` (e.g. checking every source's size) runs only when this process prepares. A
         process that finds another one preparing waits for the lock, then opens what that one built.
         """
+        self._load = load_tile
         if self.stale_reason() is None:
             if self._orphans():
                 self._remove_orphans_if_free()
@@ -614,6 +631,7 @@ class TileCache:
     # -- preparation ----------------------------------------------------------------------------------
     def prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool = True) -> dict:
         """(Re)build the cache unconditionally, under the lock."""
+        self._load = load_tile
         with self._locked():
             self._remove_orphans()
             return self._prepare(load_tile, progress=progress)
@@ -636,6 +654,15 @@ class TileCache:
             skipped: dict[str, str] = {}
             sources = self._expected_sources()  # fingerprint BEFORE reading: a change during prep rebuilds
             all_tiles = list(dict.fromkeys(t for tiles in self.splits.values() for t in tiles))
+            if not self.store_arrays:
+                log.info(
+                    "the %s cache %s keeps only its manifest: decoding each of the %d tiles once now (shapes, "
+                    "label counts, the %s mean/std); training then decodes every sample's tile from its files",
+                    self.dataset,
+                    self.dir,
+                    len(all_tiles),
+                    self.stats_split,
+                )
             bar = _progress(all_tiles, f"preparing {self.dataset} tiles") if progress else all_tiles
             for tile in bar:
                 key = None
@@ -643,7 +670,8 @@ class TileCache:
                 if prepared.skip:
                     skipped[tile] = prepared.skip
                     continue
-                (tmp / tile).mkdir()
+                if self.store_arrays:
+                    (tmp / tile).mkdir()
                 entry: dict[str, Any] = {"arrays": {}, "info": prepared.info}
                 shape = None
                 for key, array in prepared.arrays.items():
@@ -655,9 +683,11 @@ class TileCache:
                         shape = array.shape[-2:]
                     elif array.shape[-2:] != shape:
                         raise ValueError(f"{key} is {array.shape[-2:]} but the tile's first array is {shape}")
-                    file = f"{tile}/{key}.npy"
-                    np.save(tmp / file, np.ascontiguousarray(array))
-                    entry["arrays"][key] = {"file": file, "dtype": str(array.dtype), "shape": list(array.shape)}
+                    entry["arrays"][key] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+                    if self.store_arrays:
+                        file = f"{tile}/{key}.npy"
+                        np.save(tmp / file, np.ascontiguousarray(array))
+                        entry["arrays"][key]["file"] = file
                 key = None
                 entry["shape"] = [int(s) for s in shape]
                 tiles_meta[tile] = entry
@@ -673,6 +703,7 @@ class TileCache:
                 "format": "sgma-tile-cache",
                 "version": CACHE_VERSION,
                 "dataset": self.dataset,
+                "arrays_stored": self.store_arrays,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "options": self.options,
                 "requested_splits": self.splits,
@@ -705,6 +736,7 @@ class TileCache:
             ) from err
         self.manifest = manifest
         self._arrays.clear()
+        self._decoded = None
         log.info("prepared the %s tile cache %s (%d tiles)", self.dataset, self.dir, len(tiles_meta))
         return manifest
 
@@ -721,7 +753,10 @@ class TileCache:
 
     # -- reading --------------------------------------------------------------------------------------
     def array(self, tile: str, key: str) -> np.ndarray:
-        """The memory-mapped array of one tile and key (opened lazily, once per process)."""
+        """The memory-mapped array of one tile and key (opened lazily, once per process); with only a
+        manifest, the tile decoded from its source files (the last one is kept)."""
+        if not self.store_arrays:
+            return self._decode(tile)[key]
         if (tile, key) not in self._arrays:
             file = self.dir / self.manifest["tiles"][tile]["arrays"][key]["file"]
             try:
@@ -733,6 +768,24 @@ class TileCache:
                 ) from err
         return self._arrays[tile, key]
 
+    def _decode(self, tile: str) -> dict[str, np.ndarray]:
+        if self._decoded is None or self._decoded[0] != tile:
+            if self._load is None:
+                raise RuntimeError(f"the {self.dataset} cache {self.dir} was not opened with open_or_prepare")
+            self._decoded = None  # a failed decode must not leave the previous tile served under this name
+            arrays = self._load(tile).arrays
+            for key, spec in self.manifest["tiles"][tile]["arrays"].items():  # the files changed since opening
+                found = arrays.get(key)
+                if found is None or list(found.shape) != spec["shape"] or str(found.dtype) != spec["dtype"]:
+                    got = "nothing" if found is None else f"{list(found.shape)} {found.dtype}"
+                    raise OSError(
+                        f"{self.dataset} tile {tile!r}: {key} decoded as {got} but the manifest in {self.dir} says "
+                        f"{spec['shape']} {spec['dtype']}; its source files changed while running: rerun (the "
+                        f"manifest is rebuilt when the files differ)"
+                    )
+            self._decoded = (tile, arrays)
+        return self._decoded[1]
+
     def shapes(self, split: str) -> dict[str, tuple[int, int]]:
         return {t: tuple(self.manifest["tiles"][t]["shape"]) for t in self.manifest["splits"][split]}
 
@@ -743,6 +796,7 @@ class TileCache:
     def __getstate__(self) -> dict:  # DataLoader workers re-open their own memory maps
         state = self.__dict__.copy()
         state["_arrays"] = {}
+        state["_decoded"] = None
         return state
 
 
@@ -830,6 +884,8 @@ class CachedCropDataset(torch.utils.data.Dataset):
 
     # bytes one pixel takes in the cache (every stored array plus the uint8 mask); datasets set it
     bytes_per_pixel: int = 0
+    # what a dataset adds to the refusal when the disk is too small for its cache (e.g. a cache=false option)
+    disk_hint: str = ""
 
     def _check_sizes(self, key: str, files: dict[str, Path]) -> tuple[int, int]:
         """Raise when the source files of one cached image disagree in size; return its (H, W) as cached
@@ -839,14 +895,16 @@ class CachedCropDataset(torch.utils.data.Dataset):
     def _prepare_cache(self, sources: Mapping[str, dict[str, Path]], load: Callable, *, progress: bool) -> None:
         """Open the cache, or (re)build it when it is stale after checking every image's source sizes and
         that the disk has room for it (once, under the cache's lock: concurrent processes and DDP ranks wait
-        and then open it)."""
+        and then open it). A manifest-only cache needs no room for arrays."""
 
         def check_all() -> None:
             pixels = 0
             for key, files in sources.items():
                 h, w = self._check_sizes(key, files)
                 pixels += h * w
-            check_disk_space(self.cache.dir, pixels * self.bytes_per_pixel, self.cache.dataset, len(sources))
+            if self.cache.store_arrays:
+                needed = pixels * self.bytes_per_pixel
+                check_disk_space(self.cache.dir, needed, self.cache.dataset, len(sources), self.disk_hint)
 
         self.cache.open_or_prepare(load, progress=progress, before_prepare=check_all)
 
