@@ -16,6 +16,7 @@ import torch
 
 from conftest import bind_to, compose_config
 from sgma.data import tiles
+from sgma.data.discovery import DuplicateFileError
 from sgma.data.fake import (
     OFF_PALETTE_TILES,
     POTSDAM_NARROW_NDSM,
@@ -25,6 +26,7 @@ from sgma.data.fake import (
     colour_label,
     make_fake_potsdam,
     make_fake_vaihingen,
+    vaihingen_size,
     write_geotiff,
 )
 from sgma.data.isprs import CLASSES, PALETTE, Potsdam, Vaihingen, decode_labels, raster_info, read_raster
@@ -94,11 +96,9 @@ def test_potsdam_split_tiles(potsdam_root):
     assert len(train.tiles) == 22 and len(test.tiles) == 14 and not set(train.tiles) & set(test.tiles)
     assert set(test.tiles) == set(Potsdam.TEST_TILES)
     sources = train.manifest["sources"]
-    for tile in test.tiles:  # eroded labels for test, full ones for train/val
-        assert sources[tile]["label"]["path"].endswith(
-            f"5_Labels_all_noBoundary/top_potsdam_{tile}_label_noBoundary.tif"
-        )
-    assert sources["2_10"]["label"]["path"].endswith("5_Labels_all/top_potsdam_2_10_label.tif")
+    for tile in test.tiles:  # eroded labels for test, full ones for train/val (flat in the root: no folder in the zip)
+        assert sources[tile]["label"]["path"] == str(potsdam_root / f"top_potsdam_{tile}_label_noBoundary.tif")
+    assert sources["2_10"]["label"]["path"] == str(potsdam_root / "top_potsdam_2_10_label.tif")
     assert sources["2_10"]["dsm"]["path"].endswith("1_DSM_normalisation/dsm_potsdam_02_10_normalized_lastools.jpg")
     assert sources["6_7"]["dsm"]["path"].endswith("dsm_potsdam_06_07_normalized_lastools.jpg")
     # the test split's eroded labels have ignored boundaries, train labels none
@@ -107,7 +107,7 @@ def test_potsdam_split_tiles(potsdam_root):
     assert all(tiles_meta[t]["info"]["label"]["boundary"] == 0 for t in train.tiles)
     # with full test labels instead (a different cache option: separate cache dir to keep the shared one)
     full = quiet(Potsdam, "test", root=potsdam_root, eroded_test_labels=False, cache_dir=potsdam_root / "c2")
-    assert full.manifest["sources"]["2_13"]["label"]["path"].endswith("5_Labels_all/top_potsdam_2_13_label.tif")
+    assert full.manifest["sources"]["2_13"]["label"]["path"] == str(potsdam_root / "top_potsdam_2_13_label.tif")
     assert "7_10" in quiet(Potsdam, "train", root=potsdam_root, drop_tiles=[], cache_dir=potsdam_root / "c3").tiles
 
 
@@ -145,17 +145,20 @@ def test_off_palette_counted_and_warned(potsdam_root, tmp_path):
 def test_broken_4_12_label(potsdam_root, tmp_path):
     train = quiet(Potsdam, "train", root=potsdam_root)
     fixed = potsdam_root / "5_Labels_for_participants/top_potsdam_4_12_label.tif"
-    assert train.manifest["sources"]["4_12"]["label"]["path"] == str(fixed.resolve())
+    assert train.manifest["sources"]["4_12"]["label"]["path"] == str(fixed)
     expected, _ = decode_labels(read_raster(fixed)[0])
     assert (np.asarray(train.cache.array("4_12", "mask")) == expected).all()
     # the broken overlay itself is rejected by the decoder (mostly off-palette)
     with pytest.raises(ValueError, match="outside the ISPRS palette"):
-        decode_labels(read_raster(potsdam_root / "5_Labels_all/top_potsdam_4_12_label.tif")[0])
+        decode_labels(read_raster(potsdam_root / "top_potsdam_4_12_label.tif")[0])
     # without the correct copy: a clear error, or the tile is skipped
     root = copy_of(potsdam_root, tmp_path / "p")
     (root / "5_Labels_for_participants/top_potsdam_4_12_label.tif").unlink()
-    with pytest.raises(FileNotFoundError, match=r"4_12.*known-broken.*5_Labels_for_participants.*broken_labels=skip"):
+    with pytest.raises(
+        FileNotFoundError, match=r"4_12.*known-broken.*5_Labels_for_participants.*broken_labels=skip"
+    ) as err:
         quiet(Potsdam, "train", root=root)
+    assert "searched" in str(err.value) and "extract it again" not in str(err.value)
     with pytest.warns(UserWarning, match="dropping tile 4_12"):
         data = Potsdam("train", root=root, crop_size=CROP, broken_labels="skip", progress=False)
     assert "4_12" not in data.tiles and len(data.tiles) == 21
@@ -244,7 +247,13 @@ def test_vaihingen(vaihingen_root):
         assert meta[tile]["info"]["dsm"]["ground"] > 255
     assert (np.asarray(train.cache.array(VAIHINGEN_NAN_DSM, "dsm"))[0, :5, :5] == 0).all()
     sources = test.manifest["sources"]
-    assert sources["2"]["label"]["path"].endswith("gts_eroded_for_participants/top_mosaic_09cm_area2_noBoundary.tif")
+    # the COMPLETE zips unpack flat; the full labels carry the image names (told apart by their pixels)
+    assert sources["2"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area2_noBoundary.tif")
+    assert sources["2"]["irrg"]["path"] == str(vaihingen_root / "top/top_mosaic_09cm_area2.tif")
+    assert train.manifest["sources"]["1"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area1.tif")
+    assert train.input_transforms == {"dsm": {"name": "heights_above_ground"}} and train.dsm_source == "dsm"
+    full = quiet(Vaihingen, "test", root=vaihingen_root, eroded_test_labels=False, cache_dir=vaihingen_root / "c2")
+    assert full.manifest["sources"]["2"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area2.tif")
     assert meta["2"]["info"]["label"]["off_palette"] == 5 and meta["2"]["info"]["label"]["boundary"] > 0
 
 
@@ -264,7 +273,7 @@ def test_cache_reused_and_rebuilt(tmp_path):
     quiet(Potsdam, "train", root=root, cache_dir=cache_dir, modalities=["rgb"])
     assert cache_files(cache_dir) == before
     # a source file changes -> rebuilt
-    label = root / "5_Labels_all/top_potsdam_2_11_label.tif"
+    label = root / "top_potsdam_2_11_label.tif"
     stat = label.stat()
     os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     rebuilt = quiet(Potsdam, "train", root=root, cache_dir=cache_dir)
@@ -321,13 +330,15 @@ def test_root_missing_or_empty(tmp_path):
         with pytest.raises(FileNotFoundError, match=r"(does not exist|is empty).*4_Ortho_RGBIR.*5_Labels_all.*isprs"):
             Potsdam("train", root=root)
     with pytest.raises(
-        FileNotFoundError, match=r"(?s)top, dsm, gts_for_participants.*Expected tree.*top/top_mosaic_09cm_area1\.tif"
+        FileNotFoundError,
+        match=r"(?s)ISPRS_semantic_labeling_Vaihingen\.zip.*Usual tree.*top/top_mosaic_09cm_area1\.tif",
     ):
         Vaihingen("train", root=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no data folder given.*dataset\.builder\.root=/path/to/potsdam"):
         Potsdam("train")
     (tmp_path / "unrelated").mkdir()
-    with pytest.raises(FileNotFoundError, match="none of the expected folders"):
+    (tmp_path / "unrelated/notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"(?s)RGBIR images .*: 0/37 found; missing .*4_Ortho_RGBIR\.zip"):
         Potsdam("train", root=tmp_path)
 
 
@@ -335,16 +346,22 @@ def test_missing_modality_file(potsdam_root, tmp_path):
     root = copy_of(potsdam_root, tmp_path / "p")
     missing = root / "1_DSM_normalisation/dsm_potsdam_03_12_normalized_lastools.jpg"
     missing.unlink()
-    with pytest.raises(FileNotFoundError, match=r"tile 3_12: .*dsm_potsdam_03_12_normalized_lastools\.jpg is missing"):
+    with pytest.raises(FileNotFoundError) as err:
         quiet(Potsdam, "train", root=root)
-    with pytest.raises(FileNotFoundError, match=r"dataset\.builder\.skip_incomplete_tiles=true"):
-        quiet(Potsdam, "train", root=root)
-    with pytest.warns(UserWarning, match="dropping tile 3_12"):
+    message = str(err.value)  # one message: what was found where, what is missing, which archive, where it looked
+    assert message.startswith("potsdam: files missing under dataset.builder.root=")
+    assert re.search(
+        r"nDSM \(dsm_potsdam_<rr>_<cc>_normalized_lastools\.jpg\): 36/37 found in 1_DSM_normalisation/; missing "
+        r"3_12; they come in 1_DSM_normalisation\.zip",
+        message,
+    )
+    assert re.search(
+        r"labels \(top_potsdam_<id>_label\.tif\): 23/23 found in the root, 5_Labels_for_participants/", message
+    )
+    assert "searched" in message and "skip_incomplete_tiles=true" in message and "extract it again" not in message
+    with pytest.warns(UserWarning, match=r"dropping 1 incomplete tile.*3_12"):
         data = Potsdam("train", root=root, crop_size=CROP, skip_incomplete_tiles=True, progress=False)
     assert "3_12" not in data.tiles and len(data.tiles) == 21
-    missing.mkdir()  # an unpacking accident: a folder where the file belongs is not "missing"
-    with pytest.raises(FileNotFoundError, match=r"dsm_potsdam_03_12_normalized_lastools\.jpg is a directory, not a"):
-        quiet(Potsdam, "train", root=root)
 
 
 _READ_AS_NOBODY = """
@@ -417,7 +434,7 @@ def test_read_errors_say_what_the_file_is(tmp_path):
 
 def test_size_mismatch(potsdam_root, tmp_path):
     root = copy_of(potsdam_root, tmp_path / "p")
-    label = root / "5_Labels_all/top_potsdam_5_10_label.tif"
+    label = root / "top_potsdam_5_10_label.tif"
     write_geotiff(label, colour_label(np.zeros((80, 96), np.uint8)))
     with pytest.raises(
         ValueError, match=r"5_10.*top_potsdam_5_10_label\.tif is 80 x 96.*top_potsdam_5_10_RGBIR\.tif is 96 x 96"
@@ -528,3 +545,143 @@ def test_train_on_fake_potsdam(potsdam_root, tmp_path):
     assert table["excluded_classes"] == ["clutter"]
     assert objects["datamodule"].classes == CLASSES
     assert 0 <= metrics["test/avg/miou"] <= 1
+
+
+# ------------------------------------------------------------------------------------ release variants
+FEW = ["2_10", "2_11", "2_13"]  # one tile per split
+
+
+def few_potsdam(root: Path, **kwargs) -> dict[str, Potsdam]:
+    return {
+        s: quiet(Potsdam, s, root=root, crop_size=32, skip_incomplete_tiles=True, **kwargs)
+        for s in ("train", "val", "test")
+    }
+
+
+@pytest.mark.parametrize("variant", [{}, {"nested": True}, {"imagery": "rgb_irrg"}])
+def test_potsdam_release_variants(tmp_path, variant):
+    """Flat label zips, double nesting and RGB + IRRG instead of RGBIR all build every split."""
+    root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=FEW, **variant)
+    if variant.get("nested"):
+        assert (root / "4_Ortho_RGBIR/4_Ortho_RGBIR/top_potsdam_2_10_RGBIR.tif").is_file()
+        assert (root / "5_Labels_all/top_potsdam_2_10_label.tif").is_file()
+    else:
+        assert (root / "top_potsdam_2_10_label.tif").is_file() and (
+            root / "top_potsdam_2_13_label_noBoundary.tif"
+        ).is_file()
+    assert (
+        root / ("2_Ortho_RGB/2_Ortho_RGB" if variant.get("nested") else "2_Ortho_RGB") / "top_potsdam_2_10_RGB.tfw"
+    ).is_file()
+    data = few_potsdam(root)
+    assert [d.tiles for d in data.values()] == [["2_11"], ["2_10"], ["2_13"]]
+    expected = variant.get("imagery", "rgbir")
+    assert all(d.imagery == expected and d.manifest["options"]["imagery"] == expected for d in data.values())
+    sources = data["train"].manifest["sources"]["2_11"]
+    assert set(sources) == ({"rgbir"} if expected == "rgbir" else {"rgb", "irrg"}) | {"dsm", "label"}
+    sample = data["test"][0]
+    assert sample["rgb"].shape == (3, 32, 32) and sample["nir"].shape == (1, 32, 32)
+    assert data["train"].input_transforms == {}
+    if expected == "rgb_irrg":  # nir is IRRG band 1, rgb the RGB file
+        irrg = next(root.rglob("top_potsdam_2_11_IRRG.tif"))
+        assert (np.asarray(data["train"].cache.array("2_11", "nir")) == read_raster(irrg, (1,))[0]).all()
+        rgb = read_raster(next(root.rglob("top_potsdam_2_11_RGB.tif")))[0]
+        assert (np.asarray(data["train"].cache.array("2_11", "rgb")) == rgb).all()
+        with pytest.raises(FileNotFoundError, match=r"RGBIR images .*0/37 found.*4_Ortho_RGBIR\.zip"):
+            quiet(Potsdam, "train", root=root, crop_size=32, skip_incomplete_tiles=True, imagery="rgbir")
+    raw = quiet(Potsdam, "val", root=root, crop_size=32, skip_incomplete_tiles=True, dsm_source="dsm")
+    assert raw.input_transforms == {"dsm": {"name": "heights_above_ground"}}
+
+
+def test_potsdam_6_7_cars(tmp_path):
+    """6_7's 5_Labels_all copy codes cars as (252, 255, 0): the participants' copy is read; without it
+    that colour decodes as car for this tile only, counted, with no error."""
+    root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=["6_7", "2_10", "2_13"])
+    data = few_potsdam(root)["train"]
+    good = root / "5_Labels_for_participants/top_potsdam_6_7_label.tif"
+    assert data.manifest["sources"]["6_7"]["label"]["path"] == str(good)
+    expected, stats = decode_labels(read_raster(good)[0])
+    cars = stats["class_counts"][CLASSES.index("car")]
+    assert cars > 0 and (np.asarray(data.cache.array("6_7", "mask")) == expected).all()
+    everyone = read_raster(root / "top_potsdam_6_7_label.tif")[0]
+    assert decode_labels(everyone)[1]["off_palette"] == cars  # an exact decoder loses the cars
+    good.unlink()
+    data = few_potsdam(root)["train"]
+    info = data.manifest["tiles"]["6_7"]["info"]
+    assert info["label"]["aliased"] == cars and info["label"]["off_palette"] == 0
+    assert any("252, 255, 0" in n for n in info["notes"])
+    assert (np.asarray(data.cache.array("6_7", "mask")) == expected).all()
+    # the alias is for 6_7 only: the same colour elsewhere stays off-palette
+    assert decode_labels(everyone, aliases=None)[1]["off_palette"] == cars
+
+
+def test_potsdam_participants_eroded_not_taken_for_labels(tmp_path):
+    """5_Labels_for_participants_no_Boundary is the eroded participants' release, not the good 4_12 copy."""
+    root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=["4_12", "2_10", "2_13"])
+    good = root / "5_Labels_for_participants/top_potsdam_4_12_label.tif"
+    eroded_dir = root / "5_Labels_for_participants_no_Boundary/5_Labels_for_participants_no_Boundary"
+    eroded_dir.mkdir(parents=True)
+    good.rename(eroded_dir / good.name)
+    with pytest.raises(FileNotFoundError, match=r"4_12.*known-broken.*broken_labels=skip"):
+        few_potsdam(root)
+    # double nested participants' release: found
+    nested = root / "5_Labels_for_participants/5_Labels_for_participants"
+    nested.mkdir(parents=True)
+    (eroded_dir / good.name).rename(nested / good.name)
+    assert few_potsdam(root)["train"].manifest["sources"]["4_12"]["label"]["path"] == str(nested / good.name)
+
+
+def test_duplicate_copies(tmp_path):
+    """A second unzip: identical copies are fine, different ones an error naming both."""
+    root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=FEW)
+    second = root / "again/4_Ortho_RGBIR"
+    shutil.copytree(root / "4_Ortho_RGBIR", second)
+    assert few_potsdam(root)["train"].manifest["sources"]["2_11"]["rgbir"]["path"] == str(
+        root / "4_Ortho_RGBIR/top_potsdam_2_11_RGBIR.tif"
+    )
+    copy = second / "top_potsdam_2_11_RGBIR.tif"
+    write_geotiff(copy, np.zeros((4, 32, 32), np.uint8))
+    with pytest.raises(
+        DuplicateFileError, match=r"2_11: two different RGBIR image files: 4_Ortho_RGBIR/.*again/4_Ortho"
+    ):
+        few_potsdam(root)
+
+
+def test_vaihingen_release_variants(tmp_path):
+    """Flat COMPLETE labels named like the images (no gts_for_participants), and Gerke's nDSM only."""
+    root = make_fake_vaihingen(tmp_path / "v", tile_size=32, tiles=["1", "30", "2"], ndsm=True, dsm=False)
+    shutil.rmtree(root / "gts_for_participants")
+    assert (root / "top_mosaic_09cm_area9_noBoundary.tif").is_file()  # the unused area 9: ignored
+    data = {
+        s: quiet(Vaihingen, s, root=root, crop_size=32, skip_incomplete_tiles=True) for s in ("train", "val", "test")
+    }
+    assert [d.tiles for d in data.values()] == [["1"], ["30"], ["2"]]
+    train = data["train"]
+    assert train.dsm_source == "ndsm" and train.input_transforms == {}
+    assert train.manifest["options"]["dsm_source"] == "ndsm"
+    sources = train.manifest["sources"]
+    assert sources["1"]["label"]["path"] == str(root / "top_mosaic_09cm_area1.tif")
+    assert sources["1"]["irrg"]["path"] == str(root / "top/top_mosaic_09cm_area1.tif")
+    ndsm = read_raster(root / "ndsm/dsm_09cm_matching_area1_normalized.jpg")[0]
+    cached = train.cache.array("1", "dsm")
+    assert cached.dtype == np.float16 and (np.asarray(cached) == ndsm).all()
+    with pytest.raises(FileNotFoundError) as err:
+        quiet(Vaihingen, "train", root=root, crop_size=32, skip_incomplete_tiles=True, dsm_source="dsm")
+    assert re.search(
+        r"DSMs \(dsm/dsm_09cm_matching_area<N>\.tif\): 0/\d+ found.*ISPRS_semantic_labeling_Vaihingen\.zip",
+        str(err.value),
+    )
+    assert "extract it again" not in str(err.value)
+
+
+def test_vaihingen_differing_label_copies(tmp_path):
+    root = make_fake_vaihingen(tmp_path / "v", tile_size=32, tiles=["1", "30", "2"])
+    data = quiet(Vaihingen, "train", root=root, crop_size=32, skip_incomplete_tiles=True)
+    assert data.tiles == ["1"]  # gts_for_participants and the COMPLETE copy agree
+    write_geotiff(
+        root / "gts_for_participants/top_mosaic_09cm_area1.tif",
+        colour_label(np.zeros(vaihingen_size("1", 32), np.uint8)),
+    )
+    with pytest.raises(
+        DuplicateFileError, match=r"tile 1: two different label files: top_mosaic_09cm_area1\.tif and gts_for"
+    ):
+        quiet(Vaihingen, "train", root=root, crop_size=32, skip_incomplete_tiles=True)

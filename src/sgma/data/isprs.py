@@ -1,7 +1,15 @@
 """ISPRS 2D semantic labelling benchmark: Potsdam (rgb, nir, dsm) and Vaihingen (irrg, dsm).
 
-Both read the official on-disk layout (see ``Potsdam.TREE`` / ``Vaihingen.TREE``), decode every tile once
-into a memory-mapped :class:`~sgma.data.tiles.TileCache` and serve crops: ``num_samples`` random crops
+Both find the release's files by name anywhere under the root (:mod:`sgma.data.discovery`: one walk per
+dataset construction), so a plain unzip of each archive works whatever its nesting: ``5_Labels_all.zip`` and
+the Vaihingen COMPLETE ground-truth zips unpack flat into the root, the other Potsdam zips often double
+nested (``4_Ortho_RGBIR/4_Ortho_RGBIR/``). When files are missing, one message lists per kind of file what
+was found where, what is missing, which archive holds it and where the search looked. Variants accepted:
+Potsdam RGBIR or RGB + IRRG imagery (``imagery``), Vaihingen float DSM or Gerke's 8-bit nDSM
+(``dsm_source``); Vaihingen images and full labels share the name ``top_mosaic_09cm_area<N>.tif`` and are
+told apart by their folder (``top`` / ``gts_for_participants``) or else their pixels. Several copies of one
+file (a second unzip) are fine when identical, an error naming both when not. Every tile is decoded once
+into a memory-mapped :class:`~sgma.data.tiles.TileCache` and served as crops: ``num_samples`` random crops
 per epoch for training, a deterministic sliding grid covering every tile for val/test (each pixel scored
 once). Samples follow the dataset contract of :mod:`sgma.data.synthetic`: raw float32 (C, H, W) per
 modality and an int64 ``mask`` with 255 = ignore; ``modalities`` carry the mean/std measured on the train
@@ -12,9 +20,13 @@ Known defects and what happens to them (all recorded in the cache manifest):
 * colour labels are decoded with the exact palette in RGB order; black (0, 0, 0) = eroded boundary ->
   ignore; any other colour -> ignore, counted per tile and warned, never mapped to a class; a label with
   more than ``max_off_palette`` (50 %) foreign colours is an error (wrong file or BGR channel order);
-* Potsdam ``5_Labels_all/top_potsdam_4_12_label.tif`` is an overlay, not a mask: the copy in
-  ``5_Labels_for_participants`` is used; without it ``broken_labels`` = ``error`` (default) or ``skip``
-  (drop the tile with a warning);
+* Potsdam ``top_potsdam_4_12_label.tif`` of ``5_Labels_all.zip`` is an overlay, not a mask: the copy in
+  ``5_Labels_for_participants.zip`` (a folder whose name starts with ``5_Labels_for_participants``, not its
+  ``_no_Boundary`` variant) is used; without it ``broken_labels`` = ``error`` (default) or ``skip`` (drop
+  the tile with a warning);
+* Potsdam ``top_potsdam_6_7_label.tif`` of ``5_Labels_all.zip`` codes its cars as (252, 255, 0): the
+  participants' copy is used; without it that colour decodes as car for this tile only (logged, counted
+  as ``aliased`` in the label statistics);
 * nDSM tiles 1 px narrower (or shorter) than the RGBIR tile are padded by edge replication (warned once,
   when the cache is prepared); any other size disagreement is an error naming both files;
 * an empty (constant) height tile: ``empty_dsm`` = ``error`` (default), ``keep`` (use it: the model sees a
@@ -35,14 +47,18 @@ command-line keys (``dataset.builder.empty_dsm``, ``dataset.size``, ...).
 
 from __future__ import annotations
 
+import filecmp
+import logging
 import os
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from sgma.data.discovery import DuplicateFileError, FileIndex, Part, inventory, sample
 from sgma.data.tiles import (
     HEIGHT_RANGE,
     CachedCropDataset,
@@ -51,9 +67,7 @@ from sgma.data.tiles import (
     check_crop_size,
     clip_outliers,
     default_cache_dir,
-    file_state,
     folder_state,
-    not_files,
     outlier_message,
     read_error,
 )
@@ -68,6 +82,7 @@ SPLITS = ("train", "val", "test")
 ISPRS_URL = "https://www.isprs.org/education/benchmarks/UrbanSemLab/default.aspx"
 NODATA_BELOW = -1000.0  # DSM values below this are no-data whatever the file's nodata tag says
 GROUND_PERCENTILE = 2.0
+log = logging.getLogger("sgma")
 BGR_SUSPECT = 0.3  # share of car + clutter pixels above which a label is probably in BGR order
 
 
@@ -77,12 +92,17 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
 
 
 def decode_labels(
-    rgb: np.ndarray, path: str | os.PathLike = "<array>", *, max_off_palette: float = 0.5
+    rgb: np.ndarray,
+    path: str | os.PathLike = "<array>",
+    *,
+    max_off_palette: float = 0.5,
+    aliases: dict[tuple[int, int, int], int] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(3, H, W) uint8 colour label in RGB order -> (H, W) uint8 class ids (255 = ignore) and statistics.
 
     Exact palette colours map to their class; black (boundary) and any other colour map to ignore. Foreign
-    colours are counted (``off_palette``); above ``max_off_palette`` of the tile it is an error.
+    colours are counted (``off_palette``); above ``max_off_palette`` of the tile it is an error. ``aliases``
+    maps extra colours to a class for one known-defective file (counted as ``aliased``).
     """
     if rgb.ndim != 3 or rgb.shape[0] < 3:
         raise ValueError(f"{path}: expected a 3-band colour label, got an array of shape {rgb.shape}")
@@ -94,6 +114,12 @@ def decode_labels(
         hit = code == _pack(np.array(colour).reshape(3, 1))
         mask[hit] = i
         known |= hit
+    aliased = 0
+    for colour, i in (aliases or {}).items():
+        hit = code == _pack(np.array(colour).reshape(3, 1))
+        mask[hit] = i
+        known |= hit
+        aliased += int(hit.sum())
     off = int(code.size - known.sum())
     if off > max_off_palette * code.size:
         raise ValueError(
@@ -108,6 +134,8 @@ def decode_labels(
         "class_counts": [int(c) for c in counts[: len(CLASSES)]],
         "ignore": int(counts[IGNORE_INDEX]),
     }
+    if aliases:
+        stats["aliased"] = aliased
     # The palette is closed under R<->B swaps (building<->clutter, low vegetation<->car), so a BGR label
     # decodes without foreign colours. Cars and clutter are rare in ISPRS tiles (a few %), buildings and low
     # vegetation common (~25 % each): cars + clutter above BGR_SUSPECT of a tile is the tell (a warning only).
@@ -207,6 +235,20 @@ def _is_empty(height: np.ndarray) -> bool:
     return bool(height.size == 0 or np.nanmax(height) == np.nanmin(height))
 
 
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two copies hold the same data: the same bytes, or the same pixels (a re-saved copy)."""
+    if filecmp.cmp(a, b, shallow=False):
+        return True
+    if raster_info(a) != raster_info(b):
+        return False
+    return bool(np.array_equal(read_raster(a)[0], read_raster(b)[0]))
+
+
+def _ancestors(index: FileIndex, path: Path) -> list[str]:
+    """Lower-case names of the folders between the root and ``path``."""
+    return [p.name.lower() for p in path.relative_to(index.root).parents if p.name]
+
+
 # ------------------------------------------------------------------------------------------- datasets
 class _ISPRSDataset(CachedCropDataset):
     """Shared machinery of Potsdam and Vaihingen (subclasses declare files, modalities and splits)."""
@@ -220,7 +262,7 @@ class _ISPRSDataset(CachedCropDataset):
     NAME: ClassVar[str]
     MODALITIES: ClassVar[dict[str, int]]  # name -> channels, canonical order
     SPLIT_TILES: ClassVar[dict[str, tuple[str, ...]]]
-    FOLDERS: ClassVar[tuple[str, ...]]
+    ARCHIVES: ClassVar[tuple[str, ...]]
     TREE: ClassVar[str]
     EMPTY_DSM_POLICIES = ("error", "keep", "drop")
 
@@ -287,10 +329,6 @@ class _ISPRSDataset(CachedCropDataset):
         self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=self.seed)
 
     # -- subclass hooks -------------------------------------------------------------------------------
-    def _tile_files(self, tile: str, split: str) -> dict[str, Path]:
-        """Every source file tile ``tile`` of ``split`` is built from, by role (raise _SkipTile to drop)."""
-        raise NotImplementedError
-
     def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         raise NotImplementedError
 
@@ -307,64 +345,92 @@ class _ISPRSDataset(CachedCropDataset):
     # -- verification ---------------------------------------------------------------------------------
     def _missing_data_error(self, problem: str) -> FileNotFoundError:
         return FileNotFoundError(
-            f"{self.NAME}: {problem}. Expected these folders under dataset.builder.root={str(self.root)!r}: "
-            f"{', '.join(self.FOLDERS)}. Get the data from the ISPRS 2D semantic labelling benchmark "
-            f"({ISPRS_URL}; the archives unpack into the folders above). Expected tree:\n{self.TREE}"
+            f"{self.NAME}: {problem}. Unzip the release archives ({', '.join(self.ARCHIVES)}) anywhere under "
+            f"dataset.builder.root={str(self.root)!r}: files are found by name at any depth (flat or nested "
+            f"folders). Data: the ISPRS 2D semantic labelling benchmark ({ISPRS_URL}). Usual tree:\n{self.TREE}"
         )
 
+    def _discover(self, index: FileIndex, needed: dict[str, list[str]]) -> tuple[dict[str, dict[str, Part]], set[str]]:
+        """Find the files: per split, role -> :class:`Part` (found by tile id, needed ids); and the tiles
+        dropped by a policy (already warned)."""
+        raise NotImplementedError
+
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
-        """Check the root and every tile's files; return (sources per tile, tile ids per split)."""
+        """Find every tile's files under the root (one walk); return (sources per tile, tile ids per split),
+        or raise one message saying what was found where and what is missing."""
         state = folder_state(self.root)
         if state is not None:
             raise self._missing_data_error(f"root {str(self.root)!r} {state}")
-        entries = [p.name for p in self.root.iterdir() if p.name != ".sgma_cache"]
-        if not entries:
+        index = FileIndex(self.root)
+        if not index.files:
             raise self._missing_data_error(f"root {str(self.root)!r} is empty")
-        if not any((self.root / f).is_dir() for f in self.FOLDERS):
-            raise self._missing_data_error(
-                f"none of the expected folders is in {str(self.root)!r} (it holds {sorted(entries)[:8]})"
-            )
+        needed = {s: [t for t in tiles if t not in self.drop_tiles] for s, tiles in self.SPLIT_TILES.items()}
+        roles, skipped = self._discover(index, needed)
         sources: dict[str, dict[str, Path]] = {}
         splits: dict[str, list[str]] = {}
-        for split, tiles in self.SPLIT_TILES.items():
+        incomplete: list[str] = []
+        for split, tiles in needed.items():
             splits[split] = []
             for tile in tiles:
-                if tile in self.drop_tiles:
+                if tile in skipped:
                     continue
-                try:
-                    files = self._tile_files(tile, split)
-                except _SkipTile as skip:
-                    warnings.warn(f"{self.NAME}: dropping tile {tile}: {skip}", stacklevel=3)
+                files = {role: part.found.get(tile) for role, part in roles[split].items()}
+                if any(p is None for p in files.values()):
+                    incomplete.append(tile)
                     continue
-                problems = not_files(list(files.values()))
-                if problems:
-                    if not self.skip_incomplete_tiles:
-                        raise self._missing_file_error(tile, problems)
-                    warnings.warn(
-                        f"{self.NAME}: dropping tile {tile} ({split}): {'; '.join(problems)} "
-                        f"(dataset.builder.skip_incomplete_tiles=true)",
-                        stacklevel=3,
-                    )
-                    continue
-                sources[tile] = files
+                sources[tile] = files  # type: ignore[assignment]
                 splits[split].append(tile)
+        if incomplete:
+            parts = list({id(p): p for r in roles.values() for p in r.values()}.values())
+            message = inventory(
+                self.NAME, index, parts, source=f"the ISPRS 2D semantic labelling benchmark, {ISPRS_URL}"
+            )
+            if not self.skip_incomplete_tiles or not splits[self.split]:
+                raise FileNotFoundError(
+                    message + "\nOr set dataset.builder.skip_incomplete_tiles=true to drop incomplete tiles with a "
+                    "warning."
+                )
+            warnings.warn(
+                f"{self.NAME}: dropping {len(incomplete)} incomplete tile(s) (dataset.builder.skip_incomplete_tiles="
+                f"true): {sample(incomplete)}; what is missing:\n{message}",
+                stacklevel=3,
+            )
         if not splits[self.split]:
             raise self._missing_data_error(f"no complete tile left in the {self.split} split")
         return sources, splits
 
-    def _missing_file_error(self, tile: str, problems: list[str]) -> FileNotFoundError:
-        return FileNotFoundError(
-            f"{self.NAME} tile {tile}: {'; '.join(problems)}. Put the file there (from the ISPRS archive, "
-            f"{ISPRS_URL}), or set dataset.builder.skip_incomplete_tiles=true to drop incomplete tiles with a "
-            f"warning."
-        )
+    def _one(self, index: FileIndex, what: str, tile: str, paths: list[Path]) -> Path:
+        """One of several copies of a file (a second unzip): identical copies are fine (the shallowest is
+        used, logged); copies that differ are an error naming both (the loader cannot guess)."""
+        paths = sorted(paths, key=lambda p: (len(p.parts), str(p)))
+        for other in paths[1:]:
+            if not same_content(paths[0], other):
+                raise DuplicateFileError(
+                    f"{self.NAME} tile {tile}: two different {what} files: {index.relative(paths[0])} and "
+                    f"{index.relative(other)}. Keep the right one (delete or move the other out of the data root)"
+                )
+        if len(paths) > 1:
+            log.info(
+                "%s tile %s: %d identical copies of the %s file; using %s",
+                self.NAME,
+                tile,
+                len(paths),
+                what,
+                index.relative(paths[0]),
+            )
+        return paths[0]
+
+    def _ones(self, index: FileIndex, what: str, found: dict[str, list[Path]], ids: Sequence[str]) -> dict[str, Path]:
+        return {t: self._one(index, what, t, found[t]) for t in ids if t in found}
 
     # -- shared decoding --------------------------------------------------------------------------------
-    def _label(self, path: Path, tile: str, shape: tuple[int, int], ref: Path) -> tuple[np.ndarray, dict]:
+    def _label(
+        self, path: Path, tile: str, shape: tuple[int, int], ref: Path, aliases: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
         rgb, _ = read_raster(path, (1, 2, 3))
         if rgb.shape[1:] != shape:
             raise ValueError(f"{path} is {_hw(rgb.shape[1:])} but {ref} is {_hw(shape)}")
-        mask, stats = decode_labels(rgb, path, max_off_palette=self.max_off_palette)
+        mask, stats = decode_labels(rgb, path, max_off_palette=self.max_off_palette, aliases=aliases)
         if stats["off_palette"]:
             warnings.warn(
                 f"{path}: {stats['off_palette']} pixel(s) with colours outside the ISPRS palette set to ignore "
@@ -397,10 +463,6 @@ class _ISPRSDataset(CachedCropDataset):
     def tiles(self) -> list[str]:
         """The tiles of this split (after dropped and skipped tiles)."""
         return list(self.crops.shapes)
-
-
-class _SkipTile(Exception):
-    """Raised by ``_tile_files`` to drop a tile by policy (the message says why)."""
 
 
 def _ids(text: str) -> tuple[str, ...]:
@@ -440,13 +502,34 @@ POTSDAM_TEST = _ids("2_13 2_14 3_13 3_14 4_13 4_14 4_15 5_13 5_14 5_15 6_13 6_14
 POTSDAM_VAL = ("2_10",)
 
 
+def _policy(name: str, value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"dataset.builder.{name}={value!r}: use one of {', '.join(allowed)} ({what})")
+    return value
+
+
+def _prefer(first: Mapping[str, Any], second: Mapping[str, Any], needed: Sequence[str]) -> bool:
+    """``auto``: the first variant when every needed tile found in either variant has it (also when none is
+    found: the missing-files message then names the first variant's archive)."""
+    return all(t in first for t in needed if t in first or t in second)
+
+
+TILE_ID = r"(?P<id>\d+_\d+)"
+PADDED_ID = r"(?P<r>\d+)_(?P<c>\d+)"
+
+
+def _unpadded(m: re.Match[str]) -> str:
+    return f"{int(m['r'])}_{int(m['c'])}"
+
+
 class Potsdam(_ISPRSDataset):
     """ISPRS Potsdam: 38 tiles of 6000 x 6000 px at 5 cm; modalities ``rgb`` (3), ``nir`` (1), ``dsm`` (1).
 
-    ``dsm`` is the 8-bit nDSM (``dsm_source="ndsm"``, default) or the raw float32 DSM normalised per tile
-    (``dsm_source="dsm"``). Splits: the official 24 train / 14 test tiles, with 2_10 held out of train as
-    validation; ``drop_tiles`` (default 7_10, annotation errors) are removed. Test uses the eroded labels
-    unless ``eroded_test_labels=False``.
+    Imagery is the RGBIR tile (R, G, B, IR) or the pair RGB + IRRG (``imagery``: ``auto`` takes RGBIR when
+    every tile has it; IRRG band 1 is the NIR). ``dsm`` is the 8-bit nDSM (``dsm_source="ndsm"``, default)
+    or the raw float32 DSM as heights above the tile's ground (``dsm_source="dsm"``). Splits: the official
+    24 train / 14 test tiles, with 2_10 held out of train as validation; ``drop_tiles`` (default 7_10,
+    annotation errors) are removed. Test uses the eroded labels unless ``eroded_test_labels=False``.
     """
 
     NAME = "potsdam"
@@ -461,21 +544,36 @@ class Potsdam(_ISPRSDataset):
         "test": POTSDAM_TEST,
     }
     DEFAULT_DROP = ("7_10",)
-    RGBIR = "4_Ortho_RGBIR/top_potsdam_{id}_RGBIR.tif"
-    NDSM = "1_DSM_normalisation/dsm_potsdam_{padded}_normalized_lastools.jpg"
-    DSM = "1_DSM/dsm_potsdam_{padded}.tif"
-    LABEL = "5_Labels_all/top_potsdam_{id}_label.tif"
-    LABEL_ERODED = "5_Labels_all_noBoundary/top_potsdam_{id}_label_noBoundary.tif"
-    # tiles whose 5_Labels_all label is broken (an overlay, not a mask) -> the correct copy
-    BROKEN_LABELS: ClassVar[dict[str, str]] = {"4_12": "5_Labels_for_participants/top_potsdam_4_12_label.tif"}
-    FOLDERS = ("4_Ortho_RGBIR", "1_DSM_normalisation", "5_Labels_all", "5_Labels_all_noBoundary")
-    TREE = """<root>/
-  4_Ortho_RGBIR/top_potsdam_2_10_RGBIR.tif, ...                        (4 bands uint8: R, G, B, IR)
-  1_DSM_normalisation/dsm_potsdam_02_10_normalized_lastools.jpg, ...   (8-bit nDSM; zero-padded ids)
-  1_DSM/dsm_potsdam_02_10.tif, ...                                     (only for dsm_source=dsm)
-  5_Labels_all/top_potsdam_2_10_label.tif, ...                         (RGB colour labels)
-  5_Labels_all_noBoundary/top_potsdam_2_10_label_noBoundary.tif, ...   (eroded labels, for test)
-  5_Labels_for_participants/top_potsdam_4_12_label.tif                 (correct copy of the broken 4_12)"""
+    # file names (a tile's files are found by these anywhere under the root), with the archive of each
+    RGBIR = "top_potsdam_{id}_RGBIR.tif"
+    RGB = "top_potsdam_{id}_RGB.tif"
+    IRRG = "top_potsdam_{id}_IRRG.tif"
+    NDSM = "dsm_potsdam_{padded}_normalized_lastools.jpg"
+    DSM = "dsm_potsdam_{padded}.tif"
+    LABEL = "top_potsdam_{id}_label.tif"
+    LABEL_ERODED = "top_potsdam_{id}_label_noBoundary.tif"
+    PARTICIPANTS = "5_labels_for_participants"  # folder-name prefix of the participants' label release
+    # 5_Labels_all copies that are not masks (an overlay): only the participants' copy is read
+    BROKEN_LABELS: ClassVar[tuple[str, ...]] = ("4_12",)
+    # 5_Labels_all copies with extra colours: the participants' copy is read; without it the colour is mapped
+    LABEL_ALIASES: ClassVar[dict[str, dict[tuple[int, int, int], int]]] = {"6_7": {(252, 255, 0): CAR}}
+    ARCHIVES = (
+        "4_Ortho_RGBIR.zip (or 2_Ortho_RGB.zip + 3_Ortho_IRRG.zip)",
+        "1_DSM_normalisation.zip",
+        "5_Labels_all.zip",
+        "5_Labels_all_noBoundary.zip",
+        "5_Labels_for_participants.zip",
+    )
+    IMAGERY = ("auto", "rgbir", "rgb_irrg")
+    TREE = """<root>/                                        (a plain unzip of each archive; nesting does not matter)
+  4_Ortho_RGBIR/top_potsdam_2_10_RGBIR.tif, ...          (4 bands uint8: R, G, B, IR)
+  2_Ortho_RGB/top_potsdam_2_10_RGB.tif, ...              (instead of RGBIR, with the next one)
+  3_Ortho_IRRG/top_potsdam_2_10_IRRG.tif, ...            (3 bands uint8: IR, R, G)
+  1_DSM_normalisation/dsm_potsdam_02_10_normalized_lastools.jpg, ...  (8-bit nDSM; zero-padded ids)
+  1_DSM/dsm_potsdam_02_10.tif, ...                       (only for dsm_source=dsm)
+  top_potsdam_2_10_label.tif, ...                        (5_Labels_all.zip unpacks flat: RGB colour labels)
+  top_potsdam_2_13_label_noBoundary.tif, ...             (5_Labels_all_noBoundary.zip, flat: eroded, for test)
+  5_Labels_for_participants/top_potsdam_4_12_label.tif   (the correct copies of 4_12 and 6_7)"""
 
     def __init__(
         self,
@@ -494,6 +592,7 @@ class Potsdam(_ISPRSDataset):
         empty_dsm: str = "error",
         broken_labels: str = "error",
         dsm_source: str = "ndsm",
+        imagery: str = "auto",
         max_off_palette: float = 0.5,
         progress: bool = True,
     ) -> None:
@@ -505,6 +604,11 @@ class Potsdam(_ISPRSDataset):
             )
         self.broken_labels = broken_labels
         self.dsm_source = dsm_source
+        self.imagery_option = _policy("imagery", imagery, self.IMAGERY, "RGBIR tiles or RGB + IRRG pairs")
+        self.imagery = imagery  # auto is resolved by the discovery
+        self.aliased: dict[str, dict[tuple[int, int, int], int]] = {}  # tile -> extra label colours used
+        # predict.py applies the same transform to the raw DSM it is given
+        self.input_transforms = {"dsm": {"name": "heights_above_ground"}} if dsm_source == "dsm" else {}
         super().__init__(
             split,
             root=root,
@@ -528,59 +632,204 @@ class Potsdam(_ISPRSDataset):
         return "_".join(f"{int(p):02d}" for p in tile.split("_"))
 
     def _cache_options(self) -> dict[str, Any]:
-        return {**super()._cache_options(), "broken_labels": self.broken_labels, "dsm_source": self.dsm_source}
-
-    def _tile_files(self, tile: str, split: str) -> dict[str, Path]:
-        ids = {"id": tile, "padded": self.padded(tile)}
-        eroded = split == "test" and self.eroded_test_labels
-        label = self.root / (self.LABEL_ERODED if eroded else self.LABEL).format(**ids)
-        if not eroded and tile in self.BROKEN_LABELS:
-            fixed = self.root / self.BROKEN_LABELS[tile]
-            if fixed.is_file():
-                label = fixed
-            else:
-                problem = (
-                    f"{self.LABEL.format(**ids)} is a known-broken overlay, not a mask, and its correct copy "
-                    f"{fixed} {file_state(fixed)} (from 5_Labels_for_participants.zip)"
-                )
-                if self.broken_labels == "skip":
-                    raise _SkipTile(f"{problem}; dataset.builder.broken_labels=skip")
-                raise FileNotFoundError(
-                    f"{problem}. Add that file or set dataset.builder.broken_labels=skip to drop tile {tile}."
-                )
-        height = self.NDSM if self.dsm_source == "ndsm" else self.DSM
         return {
-            "rgbir": self.root / self.RGBIR.format(**ids),
-            "dsm": self.root / height.format(**ids),
-            "label": label,
+            **super()._cache_options(),
+            "broken_labels": self.broken_labels,
+            "dsm_source": self.dsm_source,
+            "imagery": self.imagery,
         }
 
+    def _participants(self, index: FileIndex, path: Path) -> str | None:
+        """``full`` in the participants' label release, ``eroded`` in its ``_no_Boundary`` variant, else None."""
+        for a in _ancestors(index, path):
+            if a.startswith(self.PARTICIPANTS):
+                return "eroded" if "boundary" in a else "full"
+        return None
+
+    def _is_participants(self, index: FileIndex, path: Path) -> bool:
+        return self._participants(index, path) == "full"
+
+    def _discover(self, index: FileIndex, needed: dict[str, list[str]]) -> tuple[dict[str, dict[str, Part]], set[str]]:
+        every = [t for tiles in needed.values() for t in tiles]
+        full_label_splits = [s for s in needed if not (s == "test" and self.eroded_test_labels)]
+        label_ids = [t for s in full_label_splits for t in needed[s]]
+        eroded_ids = [t for s in needed if s not in full_label_splits for t in needed[s]]
+
+        # imagery: RGBIR, or RGB + IRRG
+        raw = {
+            "rgbir": index.match(rf"top_potsdam_{TILE_ID}_RGBIR\.tif"),
+            "rgb": index.match(rf"top_potsdam_{TILE_ID}_RGB\.tif"),
+            "irrg": index.match(rf"top_potsdam_{TILE_ID}_IRRG\.tif"),
+        }
+        if self.imagery_option == "auto":
+            pairs = {t for t in raw["rgb"] if t in raw["irrg"]}
+            self.imagery = "rgbir" if _prefer(raw["rgbir"], dict.fromkeys(pairs), every) else "rgb_irrg"
+            log.info(
+                "potsdam: imagery=%s (dataset.builder.imagery=auto: %d tile(s) with RGBIR, %d with RGB + IRRG)",
+                self.imagery,
+                sum(t in raw["rgbir"] for t in every),
+                sum(t in pairs for t in every),
+            )
+        files = {k: self._ones(index, f"{k.upper()} image", v, every) for k, v in raw.items()}
+        if self.imagery == "rgbir":
+            image_parts = {
+                "rgbir": Part(
+                    "RGBIR images",
+                    self.RGBIR.format(id="<id>"),
+                    "4_Ortho_RGBIR.zip",
+                    files["rgbir"],
+                    every,
+                    "2_Ortho_RGB.zip + 3_Ortho_IRRG.zip are accepted instead (dataset.builder.imagery=rgb_irrg)",
+                )
+            }
+        else:
+            image_parts = {
+                "rgb": Part("RGB images", self.RGB.format(id="<id>"), "2_Ortho_RGB.zip", files["rgb"], every),
+                "irrg": Part(
+                    "IRRG images (band 1 = NIR)",
+                    self.IRRG.format(id="<id>"),
+                    "3_Ortho_IRRG.zip",
+                    files["irrg"],
+                    every,
+                    "4_Ortho_RGBIR.zip is accepted instead (dataset.builder.imagery=rgbir)",
+                ),
+            }
+
+        # heights: zero-padded ids in the names
+        if self.dsm_source == "ndsm":
+            found = index.match(rf"dsm_potsdam_{PADDED_ID}_normalized_lastools\.jpg", key=_unpadded)
+            dsm = Part(
+                "nDSM",
+                self.NDSM.format(padded="<rr>_<cc>"),
+                "1_DSM_normalisation.zip",
+                self._ones(index, "nDSM", found, every),
+                every,
+            )
+        else:
+            found = index.match(rf"dsm_potsdam_{PADDED_ID}\.tif", key=_unpadded)
+            dsm = Part(
+                "DSM", self.DSM.format(padded="<rr>_<cc>"), "1_DSM.zip", self._ones(index, "DSM", found, every), every
+            )
+
+        # labels: 5_Labels_all copies unless the participants' copy must be used
+        # a full-label name inside the eroded participants' release is not a full label
+        found = index.match(
+            rf"top_potsdam_{TILE_ID}_label\.tif", where=lambda p: self._participants(index, p) != "eroded"
+        )
+        participants = {t: [p for p in v if self._is_participants(index, p)] for t, v in found.items()}
+        everyone = {t: [p for p in v if not self._is_participants(index, p)] for t, v in found.items()}
+        participants = self._ones(index, "participants' label", {t: v for t, v in participants.items() if v}, label_ids)
+        everyone = self._ones(index, "label", {t: v for t, v in everyone.items() if v}, label_ids)
+        labels: dict[str, Path] = {}
+        skipped: set[str] = set()
+        for tile in label_ids:
+            if tile in self.BROKEN_LABELS or tile in self.LABEL_ALIASES:
+                if tile in participants:
+                    labels[tile] = participants[tile]
+                elif tile in self.LABEL_ALIASES and tile in everyone:
+                    labels[tile] = everyone[tile]
+                    self.aliased[tile] = self.LABEL_ALIASES[tile]
+                    log.info(
+                        "potsdam tile %s: no 5_Labels_for_participants copy; reading %s with %s decoded as %s "
+                        "(a known defect of that file; counted as 'aliased' in the cache manifest)",
+                        tile,
+                        index.relative(everyone[tile]),
+                        ", ".join(map(str, self.LABEL_ALIASES[tile])),
+                        ", ".join(CLASSES[c] for c in self.LABEL_ALIASES[tile].values()),
+                    )
+                elif tile in self.BROKEN_LABELS:
+                    problem = (
+                        f"{self.LABEL.format(id=tile)} of 5_Labels_all.zip is a known-broken overlay, not a mask, and "
+                        f"its correct copy (from 5_Labels_for_participants.zip, in a folder named "
+                        f"5_Labels_for_participants*) was not found ({index.searched()})"
+                    )
+                    if self.broken_labels == "skip":
+                        warnings.warn(
+                            f"{self.NAME}: dropping tile {tile}: {problem}; dataset.builder.broken_labels=skip",
+                            stacklevel=4,
+                        )
+                        skipped.add(tile)
+                    elif tile in everyone:
+                        raise FileNotFoundError(
+                            f"{problem}. Unzip 5_Labels_for_participants.zip anywhere under the root or set "
+                            f"dataset.builder.broken_labels=skip to drop tile {tile}."
+                        )
+            elif tile in everyone or tile in participants:
+                labels[tile] = everyone.get(tile) or participants[tile]
+        label = Part(
+            "labels",
+            self.LABEL.format(id="<id>"),
+            "5_Labels_all.zip",
+            labels,
+            [t for t in label_ids if t not in skipped],
+            "4_12 and 6_7 are read from 5_Labels_for_participants.zip",
+        )
+        found = index.match(rf"top_potsdam_{TILE_ID}_label_noBoundary\.tif")
+        found = {t: [p for p in v if self._participants(index, p) is None] or v for t, v in found.items()}
+        eroded = Part(
+            "eroded labels",
+            self.LABEL_ERODED.format(id="<id>"),
+            "5_Labels_all_noBoundary.zip",
+            self._ones(index, "eroded label", found, eroded_ids),
+            eroded_ids,
+        )
+        roles = {s: {**image_parts, "dsm": dsm, "label": label if s in full_label_splits else eroded} for s in needed}
+        return roles, skipped
+
+    def _image_ref(self, files: Mapping[str, Any]) -> Path:
+        return Path(files["rgbir"] if "rgbir" in files else files["rgb"])
+
     def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
-        bands, h, w = raster_info(files["rgbir"])
-        if bands < 4:
-            raise ValueError(f"{files['rgbir']} has {bands} band(s); RGBIR tiles have 4 (R, G, B, IR)")
+        ref = self._image_ref(files)
+        bands, h, w = raster_info(ref)
+        if "rgbir" in files and bands < 4:
+            raise ValueError(f"{ref} has {bands} band(s); RGBIR tiles have 4 (R, G, B, IR)")
+        if "rgb" in files:
+            if bands < 3:
+                raise ValueError(f"{ref} has {bands} band(s); RGB tiles have 3")
+            ibands, ih, iw = raster_info(files["irrg"])
+            if ibands < 3:
+                raise ValueError(f"{files['irrg']} has {ibands} band(s); IRRG tiles have 3 (IR, R, G)")
+            _check_pad_ok(tile, files["irrg"], (ih, iw), ref, (h, w), pad=False)
         _, lh, lw = raster_info(files["label"])
-        _check_pad_ok(tile, files["label"], (lh, lw), files["rgbir"], (h, w), pad=False)
+        _check_pad_ok(tile, files["label"], (lh, lw), ref, (h, w), pad=False)
         _, dh, dw = raster_info(files["dsm"])
-        _check_pad_ok(tile, files["dsm"], (dh, dw), files["rgbir"], (h, w), pad=True)
+        _check_pad_ok(tile, files["dsm"], (dh, dw), ref, (h, w), pad=True)
         return h, w
+
+    def _read_image(self, files: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray, Path]:
+        """(rgb, nir, reference file) from the RGBIR tile or the RGB + IRRG pair (NIR = IRRG band 1)."""
+        if "rgbir" in files:
+            path = Path(files["rgbir"])
+            rgbir, _ = read_raster(path, (1, 2, 3, 4))
+            rgb, nir = rgbir[:3], rgbir[3:4]
+            checks = [(path, rgbir)]
+        else:
+            path = Path(files["rgb"])
+            rgb, _ = read_raster(path, (1, 2, 3))
+            nir, _ = read_raster(Path(files["irrg"]), (1,))
+            if nir.shape[1:] != rgb.shape[1:]:
+                raise ValueError(f"size mismatch: {files['irrg']} is {_hw(nir.shape)} but {path} is {_hw(rgb.shape)}")
+            checks = [(path, rgb), (Path(files["irrg"]), nir)]
+        for p, arr in checks:
+            if arr.dtype != np.uint8:
+                raise ValueError(f"{p} is {arr.dtype}; Potsdam orthophotos are uint8")
+        return rgb, nir, path
 
     def _load_tile(self, tile: str) -> PreparedTile:
         files = self.cache.sources[tile]
-        rgbir_path, dsm_path, label_path = Path(files["rgbir"]), Path(files["dsm"]), Path(files["label"])
-        rgbir, _ = read_raster(rgbir_path, (1, 2, 3, 4))
-        if rgbir.dtype != np.uint8:
-            raise ValueError(f"{rgbir_path} is {rgbir.dtype}; RGBIR tiles are uint8")
-        shape = rgbir.shape[1:]
+        dsm_path, label_path = Path(files["dsm"]), Path(files["label"])
+        rgb, nir, ref = self._read_image(files)
+        shape = rgb.shape[1:]
         info: dict[str, Any] = {"notes": []}
         exclude: dict[str, np.ndarray] = {}
         if self.dsm_source == "ndsm":  # 8-bit grey levels: no no-data, no outliers possible
             height, _ = read_raster(dsm_path, (1,))
-            height, note = _fit_to(height, shape, dsm_path, rgbir_path, tile)
+            height, note = _fit_to(height, shape, dsm_path, ref, tile)
             height = height.astype(np.float16)
         else:
             raw, nodata = read_raster(dsm_path, (1,))
-            raw, note = _fit_to(raw, shape, dsm_path, rgbir_path, tile)
+            raw, note = _fit_to(raw, shape, dsm_path, ref, tile)
             height, info["dsm"], exclude["dsm"] = _heights(raw[0], nodata, dsm_path)
         if note:
             info["notes"].append(note)
@@ -589,18 +838,47 @@ class Potsdam(_ISPRSDataset):
             if reason:
                 return PreparedTile(skip=reason)
             info["notes"].append("empty dsm kept")
-        mask, info["label"] = self._label(label_path, tile, shape, rgbir_path)
-        arrays = {"rgb": rgbir[:3], "nir": rgbir[3:4], "dsm": height, "mask": mask}
+        aliases = self.aliased.get(tile)
+        mask, info["label"] = self._label(label_path, tile, shape, ref, aliases)
+        if aliases:
+            info["notes"].append(f"label colours {list(aliases)} decoded as {[CLASSES[c] for c in aliases.values()]}")
+        arrays = {"rgb": rgb, "nir": nir, "dsm": height, "mask": mask}
         return PreparedTile(arrays=arrays, info=info, exclude=exclude)
+
+
+VAIHINGEN_AREA = r"top_mosaic_09cm_area(?P<id>\d+)\.tif"
+LABEL_SHARE = 0.95  # share of palette (or black) pixels in a window above which a file is a label, not an image
+
+
+def looks_like_label(path: Path, size: int = 64) -> bool:
+    """Whether a ``top_mosaic_09cm_area<N>.tif`` is a colour label (palette colours and black only) rather
+    than an image: the two releases use the same file name. Reads a small central window."""
+    import rasterio
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    try:
+        with rasterio.open(path) as src:
+            if src.count < 3 or src.dtypes[0] != "uint8":
+                return False
+            h, w = min(size, src.height), min(size, src.width)
+            window = Window((src.width - w) // 2, (src.height - h) // 2, w, h)
+            rgb = src.read((1, 2, 3), window=window)
+    except (RasterioError, OSError) as err:
+        raise _unreadable(path, err) from err
+    code = _pack(rgb)
+    known = np.isin(code, [int(_pack(np.array(c).reshape(3, 1))[0]) for c in (*PALETTE, BOUNDARY)])
+    return bool(known.mean() >= LABEL_SHARE)
 
 
 class Vaihingen(_ISPRSDataset):
     """ISPRS Vaihingen: 33 labelled areas (about 2000 x 2500 px at 9 cm); modalities ``irrg`` (3) and ``dsm``.
 
-    ``dsm`` is the float32 absolute-height DSM turned into heights above a per-tile ground level. Splits:
-    the official 16 train / 17 test areas, with area 30 held out of train as validation.
-    Note: in the original release ``gts_for_participants`` holds only the train areas; put the test areas'
-    labels (the "complete" ground-truth release) in the same folders.
+    ``dsm`` is the float32 absolute-height DSM turned into heights above a per-tile ground level, or Gerke's
+    8-bit nDSM used as is (``dsm_source``: ``auto`` takes the DSM when every area has it). Splits: the
+    official 16 train / 17 test areas, with area 30 held out of train as validation. Images and full labels
+    share the name ``top_mosaic_09cm_area<N>.tif``: a file in a ``top`` folder is an image, one in
+    ``gts_for_participants`` a label, any other is told apart by its pixels.
     """
 
     NAME = "vaihingen"
@@ -610,16 +888,24 @@ class Vaihingen(_ISPRSDataset):
     VAL_TILES = ("30",)
     TRAIN_TILES = _ids("1 3 5 7 11 13 15 17 21 23 26 28 32 34 37")
     SPLIT_TILES: ClassVar[dict[str, tuple[str, ...]]] = {"train": TRAIN_TILES, "val": VAL_TILES, "test": TEST_TILES}
-    TOP = "top/top_mosaic_09cm_area{id}.tif"
-    DSM = "dsm/dsm_09cm_matching_area{id}.tif"
-    LABEL = "gts_for_participants/top_mosaic_09cm_area{id}.tif"
-    LABEL_ERODED = "gts_eroded_for_participants/top_mosaic_09cm_area{id}_noBoundary.tif"
-    FOLDERS = ("top", "dsm", "gts_for_participants", "gts_eroded_for_participants")
-    TREE = """<root>/
-  top/top_mosaic_09cm_area1.tif, ...                                    (3 bands uint8: NIR, R, G)
-  dsm/dsm_09cm_matching_area1.tif, ...                                  (float32 absolute heights)
-  gts_for_participants/top_mosaic_09cm_area1.tif, ...                   (RGB colour labels)
-  gts_eroded_for_participants/top_mosaic_09cm_area1_noBoundary.tif, ... (eroded labels, for test)"""
+    TOP = "top_mosaic_09cm_area{id}.tif"
+    DSM = "dsm_09cm_matching_area{id}.tif"
+    NDSM = "dsm_09cm_matching_area{id}_normalized.jpg"
+    LABEL = "top_mosaic_09cm_area{id}.tif"
+    LABEL_ERODED = "top_mosaic_09cm_area{id}_noBoundary.tif"
+    MAIN_ZIP = "ISPRS_semantic_labeling_Vaihingen.zip"
+    LABEL_ZIP = "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip"
+    ERODED_ZIP = "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip"
+    NDSM_SOURCE = "Gerke's nDSM release (dsm_09cm_matching_area<N>_normalized.jpg)"
+    ARCHIVES = (MAIN_ZIP, LABEL_ZIP, ERODED_ZIP)
+    DSM_SOURCES = ("auto", "dsm", "ndsm")
+    TREE = """<root>/                                                  (a plain unzip of each archive)
+  top/top_mosaic_09cm_area1.tif, ...                       (3 bands uint8: NIR, R, G)
+  dsm/dsm_09cm_matching_area1.tif, ...                     (float32 absolute heights)
+  gts_for_participants/top_mosaic_09cm_area1.tif, ...      (RGB colour labels of the train areas)
+  top_mosaic_09cm_area1.tif, ...                           (ground_truth_COMPLETE.zip, flat: labels of all areas)
+  top_mosaic_09cm_area1_noBoundary.tif, ...                (ground_truth_eroded_COMPLETE.zip, flat: for test)
+  ndsm/dsm_09cm_matching_area1_normalized.jpg, ...         (optional: Gerke's 8-bit nDSM, any folder name)"""
 
     def __init__(
         self,
@@ -636,9 +922,14 @@ class Vaihingen(_ISPRSDataset):
         drop_tiles: Sequence[str] = (),
         skip_incomplete_tiles: bool = False,
         empty_dsm: str = "error",
+        dsm_source: str = "auto",
         max_off_palette: float = 0.5,
         progress: bool = True,
     ) -> None:
+        self.dsm_source_option = _policy(
+            "dsm_source", dsm_source, self.DSM_SOURCES, "dsm: float32 DSM, ndsm: Gerke's 8-bit nDSM"
+        )
+        self.dsm_source = dsm_source  # auto is resolved by the discovery
         super().__init__(
             split,
             root=root,
@@ -656,13 +947,93 @@ class Vaihingen(_ISPRSDataset):
             progress=progress,
         )
 
-    def _tile_files(self, tile: str, split: str) -> dict[str, Path]:
-        eroded = split == "test" and self.eroded_test_labels
-        return {
-            "irrg": self.root / self.TOP.format(id=tile),
-            "dsm": self.root / self.DSM.format(id=tile),
-            "label": self.root / (self.LABEL_ERODED if eroded else self.LABEL).format(id=tile),
+    @property
+    def input_transforms(self) -> dict[str, dict[str, Any]]:
+        """predict.py applies the same transform to the raw DSM it is given (the nDSM is used as is)."""
+        return {"dsm": {"name": "heights_above_ground"}} if self.dsm_source == "dsm" else {}
+
+    def _cache_options(self) -> dict[str, Any]:
+        return {**super()._cache_options(), "dsm_source": self.dsm_source}
+
+    def _discover(self, index: FileIndex, needed: dict[str, list[str]]) -> tuple[dict[str, dict[str, Part]], set[str]]:
+        every = [t for tiles in needed.values() for t in tiles]
+        known = {t for tiles in self.SPLIT_TILES.values() for t in tiles}
+        full_label_splits = [s for s in needed if not (s == "test" and self.eroded_test_labels)]
+        label_ids = [t for s in full_label_splits for t in needed[s]]
+        eroded_ids = [t for s in needed if s not in full_label_splits for t in needed[s]]
+
+        images: dict[str, list[Path]] = {}
+        labels: dict[str, list[Path]] = {}
+        for tile, paths in index.match(VAIHINGEN_AREA).items():
+            for path in paths:
+                folders = _ancestors(index, path)
+                if "top" in folders:
+                    is_label = False
+                elif "gts_for_participants" in folders:
+                    is_label = True
+                else:
+                    is_label = tile in known and looks_like_label(path)
+                (labels if is_label else images).setdefault(tile, []).append(path)
+        eroded = index.match(r"top_mosaic_09cm_area(?P<id>\d+)_noBoundary\.tif")
+        unknown = sorted((set(labels) | set(eroded)) - known, key=int)
+        if unknown:
+            log.info("vaihingen: labels of area(s) %s are in no split (area 9 of the eroded zip): not read", unknown)
+        raw = {
+            "dsm": index.match(r"dsm_09cm_matching_area(?P<id>\d+)\.tif"),
+            "ndsm": index.match(r"dsm_09cm_matching_area(?P<id>\d+)_normalized\.jpg"),
         }
+        if self.dsm_source_option == "auto":
+            self.dsm_source = "dsm" if _prefer(raw["dsm"], raw["ndsm"], every) else "ndsm"
+            log.info(
+                "vaihingen: dsm_source=%s (dataset.builder.dsm_source=auto: %d area(s) with the DSM, %d with the nDSM)",
+                self.dsm_source,
+                sum(t in raw["dsm"] for t in every),
+                sum(t in raw["ndsm"] for t in every),
+            )
+        if self.dsm_source == "dsm":
+            dsm = Part(
+                "DSMs",
+                f"dsm/{self.DSM.format(id='<N>')}",
+                self.MAIN_ZIP,
+                self._ones(index, "DSM", raw["dsm"], every),
+                every,
+                "Gerke's nDSM is accepted instead (dataset.builder.dsm_source=ndsm)",
+            )
+        else:
+            dsm = Part(
+                "nDSMs",
+                self.NDSM.format(id="<N>"),
+                self.NDSM_SOURCE,
+                self._ones(index, "nDSM", raw["ndsm"], every),
+                every,
+                "the float DSM (dsm/ in the main zip) is accepted instead (dataset.builder.dsm_source=dsm)",
+            )
+        top = Part(
+            "images",
+            f"top/{self.TOP.format(id='<N>')}",
+            self.MAIN_ZIP,
+            self._ones(index, "image", images, every),
+            every,
+        )
+        label = Part(
+            "labels",
+            self.LABEL.format(id="<N>") + " (a label)",
+            self.LABEL_ZIP,
+            self._ones(index, "label", labels, label_ids),
+            label_ids,
+            "The train areas' labels are also in gts_for_participants/ of the main zip",
+        )
+        eroded_part = Part(
+            "eroded labels",
+            self.LABEL_ERODED.format(id="<N>"),
+            self.ERODED_ZIP,
+            self._ones(index, "eroded label", eroded, eroded_ids),
+            eroded_ids,
+        )
+        roles = {
+            s: {"irrg": top, "dsm": dsm, "label": label if s in full_label_splits else eroded_part} for s in needed
+        }
+        return roles, set()
 
     def _check_sizes(self, tile: str, files: dict[str, Path]) -> tuple[int, int]:
         bands, h, w = raster_info(files["irrg"])
@@ -684,14 +1055,16 @@ class Vaihingen(_ISPRSDataset):
             raise ValueError(
                 f"size mismatch in tile {tile}: {files['dsm']} is {_hw(raw.shape)} but {files['irrg']} is {_hw(shape)}"
             )
-        height, dsm_info, not_measured = _heights(raw[0], nodata, files["dsm"])
-        info: dict[str, Any] = {"dsm": dsm_info, "notes": []}
+        info: dict[str, Any] = {"notes": []}
+        exclude: dict[str, np.ndarray] = {}
+        if self.dsm_source == "ndsm":  # Gerke's 8-bit nDSM: grey levels used as is, like Potsdam's
+            height = raw.astype(np.float16)
+        else:
+            height, info["dsm"], exclude["dsm"] = _heights(raw[0], nodata, files["dsm"])
         if _is_empty(height):
             reason = self._empty_height(tile, files["dsm"])
             if reason:
                 return PreparedTile(skip=reason)
             info["notes"].append("empty dsm kept")
         mask, info["label"] = self._label(files["label"], tile, shape, files["irrg"])
-        return PreparedTile(
-            arrays={"irrg": irrg, "dsm": height, "mask": mask}, info=info, exclude={"dsm": not_measured}
-        )
+        return PreparedTile(arrays={"irrg": irrg, "dsm": height, "mask": mask}, info=info, exclude=exclude)
