@@ -225,3 +225,34 @@ def test_train_py_saves_and_exits_on_sigterm(tmp_path):
     assert "sgma" in torch.load(last, map_location="cpu", weights_only=True)
     assert not (run / "patterns.json").exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_ddp_ranks_stop_together_on_sigterm(tmp_path):
+    """A real 2-process DDP run on CPU (gloo) gets SIGTERM mid-epoch: the ranks compare their flags on the same
+    batches only (every ``sync_every_n_batches``), agree, save one loadable last.ckpt and exit 143 (no deadlock)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
+    args = ["debug=tiny", "logger=csv", "trainer=ddp_cpu", "trainer.max_epochs=1000", "data.batch_size=2"]
+    args += ["dataset.splits.train.num_samples=400", f"hydra.run.dir={run}"]
+    log = (tmp_path / "out.txt").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "Epoch 0" not in (tmp_path / "out.txt").read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, "train.py did not start training"
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few steps into the epoch
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    out = (tmp_path / "out.txt").read_text()
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"resume with ckpt_path={last.resolve()}" in out, out[-3000:]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    # saved in the end hook of batch index `batches` (counted completed after the hook): a compared batch
+    assert state["epoch"] > 0 or (batches + 1) % 10 == 0, batches

@@ -150,15 +150,21 @@ class CheckpointOnSignal(Checkpoint):
 
     At a batch end the callback raises :class:`TrainingInterrupted` through Lightning (asking Lightning to
     stop there would run a validation first); at an epoch end it sets ``trainer.should_stop`` and
-    :meth:`raise_if_stopped` raises after ``fit`` returns. Under DDP the ranks agree on the decision at every
-    point (any rank's signal stops all of them at the same step), so the collective save cannot deadlock.
+    :meth:`raise_if_stopped` raises after ``fit`` returns. Under DDP the ranks agree on the decision (any rank's
+    signal stops all of them at the same step), so the collective save cannot deadlock; agreeing is an
+    all-reduce, a host sync, so mid-epoch the ranks compare only every ``sync_every_n_batches`` batches (the
+    same batches on every rank) and a signal takes effect within that many steps. One process checks its
+    flag at every batch, which costs nothing.
 
     Handlers are installed by :meth:`handling_signals` around ``trainer.fit`` and the previous ones restored
     afterwards. A Checkpoint subclass, so Lightning runs it after the ModelCheckpoint callbacks.
     """
 
-    def __init__(self, dirpath: str | os.PathLike) -> None:
+    def __init__(self, dirpath: str | os.PathLike, *, sync_every_n_batches: int = 10) -> None:
+        if sync_every_n_batches < 1:
+            raise ValueError(f"sync_every_n_batches must be >= 1, got {sync_every_n_batches}")
         self.default_dirpath = Path(dirpath)
+        self.sync_every_n_batches = int(sync_every_n_batches)
         self.signum: int | None = None  # the first signal received by this process
         self.checkpoint: Path | None = None  # where the interrupted state was saved
         self.stopped: TrainingInterrupted | None = None
@@ -242,6 +248,8 @@ class CheckpointOnSignal(Checkpoint):
         raise self._save(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and (batch_idx + 1) % self.sync_every_n_batches:
+            return  # ranks compare flags on the same batches only (an all-reduce per step would sync every step)
         if not self._requested(trainer):
             return
         loop = trainer.fit_loop.epoch_loop
