@@ -198,28 +198,35 @@ def test_run_folders_are_unique_within_a_second():
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", sweep), sweep
 
 
+def _sigterm_train_py(tmp_path: Path, args: list[str], *, after_start: float = 0.0) -> str:
+    """Run ``train.py args`` in its own process group, SIGTERM the whole group ``after_start`` seconds into the
+    first epoch (as SLURM and Ctrl-C do: DataLoader workers and DDP ranks get it too), check it exits 143 and
+    return its output."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
+    out_file = tmp_path / "out.txt"
+    with out_file.open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while "Epoch 0" not in out_file.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, "train.py did not start training"
+                time.sleep(0.2)
+            time.sleep(after_start)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=300) == 128 + signal.SIGTERM, out_file.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return out_file.read_text()
+
+
 def test_train_py_saves_and_exits_on_sigterm(tmp_path):
     """A real SIGTERM to train.py's whole process group during the first epoch, as SLURM and Ctrl-C send it (the
     DataLoader workers get it too): a loadable last.ckpt, exit 143, the resume command."""
     run = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     args = ["debug=tiny", "logger=csv", "trainer.max_epochs=1000", "data.batch_size=2", "data.num_workers=2"]
-    args.append(f"hydra.run.dir={run}")
-    log = (tmp_path / "out.txt").open("w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while "Epoch 0" not in (tmp_path / "out.txt").read_text() and proc.poll() is None:
-            assert time.monotonic() < deadline, "train.py did not start training"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=300) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    out = (tmp_path / "out.txt").read_text()
+    out = _sigterm_train_py(tmp_path, [*args, f"hydra.run.dir={run}"])
     last = run / "checkpoints" / "last.ckpt"
     assert f"resume with ckpt_path={last.resolve()}" in out, out[-3000:]
     assert "sgma" in torch.load(last, map_location="cpu", weights_only=True)
@@ -231,25 +238,9 @@ def test_ddp_ranks_stop_together_on_sigterm(tmp_path):
     """A real 2-process DDP run on CPU (gloo) gets SIGTERM mid-epoch: the ranks compare their flags on the same
     batches only (every ``sync_every_n_batches``), agree, save one loadable last.ckpt and exit 143 (no deadlock)."""
     run = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     args = ["debug=tiny", "logger=csv", "trainer=ddp_cpu", "trainer.max_epochs=1000", "data.batch_size=2"]
     args += ["dataset.splits.train.num_samples=400", f"hydra.run.dir={run}"]
-    log = (tmp_path / "out.txt").open("w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while "Epoch 0" not in (tmp_path / "out.txt").read_text() and proc.poll() is None:
-            assert time.monotonic() < deadline, "train.py did not start training"
-            time.sleep(0.2)
-        time.sleep(1.0)  # a few steps into the epoch
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "out.txt").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    out = (tmp_path / "out.txt").read_text()
+    out = _sigterm_train_py(tmp_path, args, after_start=1.0)  # a few steps into the epoch
     last = run / "checkpoints" / "last.ckpt"
     assert f"resume with ckpt_path={last.resolve()}" in out, out[-3000:]
     state = torch.load(last, map_location="cpu", weights_only=True)
