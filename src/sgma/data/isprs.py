@@ -646,9 +646,6 @@ class Potsdam(_ISPRSDataset):
                 return "eroded" if "boundary" in a else "full"
         return None
 
-    def _is_participants(self, index: FileIndex, path: Path) -> bool:
-        return self._participants(index, path) == "full"
-
     def _discover(self, index: FileIndex, needed: dict[str, list[str]]) -> tuple[dict[str, dict[str, Part]], set[str]]:
         every = [t for tiles in needed.values() for t in tiles]
         full_label_splits = [s for s in needed if not (s == "test" and self.eroded_test_labels)]
@@ -716,8 +713,9 @@ class Potsdam(_ISPRSDataset):
         found = index.match(
             rf"top_potsdam_{TILE_ID}_label\.tif", where=lambda p: self._participants(index, p) != "eroded"
         )
-        participants = {t: [p for p in v if self._is_participants(index, p)] for t, v in found.items()}
-        everyone = {t: [p for p in v if not self._is_participants(index, p)] for t, v in found.items()}
+        release = {p: self._participants(index, p) for v in found.values() for p in v}
+        participants = {t: [p for p in v if release[p] == "full"] for t, v in found.items()}
+        everyone = {t: [p for p in v if release[p] is None] for t, v in found.items()}
         participants = self._ones(index, "participants' label", {t: v for t, v in participants.items() if v}, label_ids)
         everyone = self._ones(index, "label", {t: v for t, v in everyone.items() if v}, label_ids)
         labels: dict[str, Path] = {}
