@@ -36,6 +36,8 @@ GROUPS = [
     "backbone",
     "model",
     "missing",
+    "augment",
+    "loss",
     "optimizer",
     "scheduler",
     "trainer",
@@ -88,12 +90,20 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     extra = []
     if group == "dataset" and option in FAKE_DATA:
         extra = [f"dataset.builder.root={FAKE_DATA[option](tmp_path / option)}"]
+    if group == "experiment":  # the per-dataset recipes read their dataset's (fake) release
+        name = compose_config("train", [f"experiment={option}"]).dataset.name
+        if name in FAKE_DATA:
+            extra = [f"dataset.builder.root={FAKE_DATA[name](tmp_path / name)}"]
     if group == "missing" and option == "pattern":
         extra = ["missing.pattern=dsm+rgb"]  # the generic form needs its pattern
     cfg = compose_config("train", ["debug=tiny", f"{group}={option}", *extra])
     assert cfg.hydra.runtime.choices[group] == option
     dm, module, trainer, callbacks, loggers = _build(cfg, tmp_path)
     assert module.net.num_classes == dm.num_classes
+    if group == "dataset":  # what the augmentation jitters: the optical images only, never heights or SAR
+        kinds = {m.name: m.kind for m in dm.modalities}
+        expected = {"rgb": "optical", "nir": "optical", "irrg": "optical", "dsm": "elevation", "sar": "sar"}
+        assert {n: k for n, k in kinds.items() if n in expected} == {n: expected[n] for n in kinds if n in expected}
     assert trainer.max_epochs >= 1 and isinstance(callbacks, list) and isinstance(loggers, list)
 
 
@@ -118,6 +128,23 @@ def test_paper_recipe_values():
     assert cfg.optimizer.lr == 6e-5 and cfg.optimizer.weight_decay == 0.01 and cfg.optimizer.eps == 1e-8
     assert cfg.trainer.max_epochs == 200 and cfg.scheduler.warmup_fraction == 0.05
     assert cfg.scheduler.start_factor == 0.1 and cfg.scheduler.power == 0.9
+
+
+@pytest.mark.parametrize(
+    "recipe,dataset,size",
+    [("paper_potsdam", "potsdam", 512), ("paper_dfc2023", "dfc2023", 512), ("paper_deliver", "deliver", 1024)],
+)
+def test_per_dataset_recipes_extend_the_paper_recipe(recipe, dataset, size):
+    paper = compose_config("train", ["experiment=paper"])
+    cfg = compose_config("train", [f"experiment={recipe}"])
+    assert cfg.dataset.name == dataset and cfg.dataset.size == size
+    for key in ("backbone", "optimizer", "scheduler", "augment"):
+        assert cfg[key] == paper[key], key
+    assert cfg.augment.scale == [0.5, 2.0] and cfg.augment.hflip == 0.5 and cfg.augment.jitter.p == 0.2
+    assert cfg.trainer.max_epochs == 200 and cfg.trainer.devices == 4 and cfg.data.batch_size == 2
+    assert cfg.trainer.strategy.startswith("ddp") and cfg.dataset.builder.stride is None
+    if dataset == "deliver":  # scored on whole frames resized to 1024, as CMNeXt
+        assert cfg.dataset.builder.resize == 1024
 
 
 def test_unknown_pattern_option_lists_choices():

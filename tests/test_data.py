@@ -59,9 +59,12 @@ def test_random_sampler_is_deterministic_per_epoch():
     sampler = RandomPatternSampler(50, policy, seed=3)
     first = list(sampler)
     assert list(sampler) == first
-    assert sorted(i for i, _ in first) == list(range(50))
+    assert sorted(i for i, _, _ in first) == list(range(50))
+    assert {epoch for _, _, epoch in first} == {0}  # training keys carry their epoch
     sampler.set_epoch(1)
-    assert list(sampler) != first
+    second = list(sampler)
+    assert [(i, p) for i, p, _ in second] != [(i, p) for i, p, _ in first]
+    assert {epoch for _, _, epoch in second} == {1}
 
 
 def test_grid_sampler_visits_every_pair_once():

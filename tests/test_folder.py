@@ -199,3 +199,24 @@ def test_train_on_fake_folder(folder_root, tmp_path):
     assert [r.split(",")[0] for r in rows[1:] if r.split(",")[0] in patterns] == patterns  # 3 pattern rows
     assert objects["datamodule"].classes == ("background", "building", "water")
     assert 0 <= metrics["test/avg/miou"] <= 1
+
+
+def test_modality_kind_steers_augmentation_without_rebuilding_the_cache(fresh):
+    first = _ds(fresh)
+    assert {m.name: m.kind for m in first.modalities} == {"rgb": "optical", "dsm": "elevation"}
+    manifest = (first.cache.dir / "manifest.json").stat().st_mtime_ns
+    desc = yaml.safe_load((fresh / "dataset.yaml").read_text())
+    rgb = next(m for m in desc["modalities"] if m["name"] == "rgb")
+    del rgb["value_max"]
+    (fresh / "dataset.yaml").write_text(yaml.safe_dump(desc))
+    with pytest.raises(ValueError, match=r"(?s)dataset\.yaml.*'rgb' is optical: give value_max"):
+        _ds(fresh)
+    rgb["value_max"] = 255
+    (fresh / "dataset.yaml").write_text(yaml.safe_dump(desc))
+    again = _ds(fresh)
+    assert again.modalities[0].kind == "optical" and again.modalities[0].value_max == 255.0
+    assert (again.cache.dir / "manifest.json").stat().st_mtime_ns == manifest  # the same cache, not rebuilt
+    rgb["kind"] = "colour"
+    (fresh / "dataset.yaml").write_text(yaml.safe_dump(desc))
+    with pytest.raises(ValueError, match="kind must be one of optical, elevation, sar, categorical, other"):
+        _ds(fresh)

@@ -163,7 +163,7 @@ def test_draw_is_deterministic_per_seed_and_epoch():
     b = make_sampler(fragile_memory(), seed=3, warmup_epochs=0)
     a.set_epoch(4)
     b.set_epoch(4)
-    assert a.epoch_keys() == b.epoch_keys() == list(a)
+    assert a.epoch_keys() == b.epoch_keys() == [(i, p) for i, p, _ in a]
     b.set_epoch(5)
     assert a.epoch_keys() != b.epoch_keys()
     c = make_sampler(fragile_memory(), seed=4, warmup_epochs=0)
@@ -340,7 +340,7 @@ def test_commit_sums_across_two_gloo_ranks(tmp_path: Path):
     sampler.set_epoch(1)
     assert results[0]["len"] == results[1]["len"] == 4
     for rank, result in enumerate(results):
-        assert [tuple(k) for k in result["keys"].tolist()] == sampler.shard(rank, 2)
+        assert [(i, p, 1) for i, p in sampler.shard(rank, 2)] == [tuple(k) for k in result["keys"].tolist()]
 
 
 def test_mas_reweights_only_within_the_policy_support():

@@ -65,6 +65,7 @@ ADAPT = {
 NOT_RUN = {
     "trainer=gpu": "needs a CUDA GPU",
     "trainer=ddp": "needs several CUDA GPUs (tests/test_mas.py runs trainer=ddp_cpu)",
+    **{f"experiment=paper_{name}": "DDP on 4 CUDA GPUs" for name in ("potsdam", "dfc2023", "deliver")},
 }
 # Commands too slow for the default suite (big encoders from random init: 10-30 s each on 2 CPU cores, against
 # 2-4 s with mit_b0): the default test composes them, test_slow_readme_commands_run (marked slow) runs them.
@@ -185,6 +186,8 @@ def resolve(args: list[str], ws: Workspace, cwd: Path) -> tuple[list[str], list[
     """Hydra overrides with the placeholders replaced by real files; also the notes saying what was replaced."""
     out, notes = [], []
     datasets = [a.split("=", 1)[1] for a in args if a.startswith("dataset=")]
+    # a per-dataset recipe (experiment=paper_potsdam) picks its dataset itself
+    datasets = [a.split("=", 1)[1].removeprefix("paper_") for a in args if a.startswith("experiment=paper_")] + datasets
     dataset = datasets[-1] if datasets else None
     if dataset == "...":
         dataset = "potsdam"

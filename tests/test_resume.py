@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import errno
 import os
@@ -67,8 +68,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
 )
 def test_interrupted_run_resumes_exactly(tmp_path, model, epochs, step, signum):
     common = [f"trainer.max_epochs={epochs}", "callbacks.model_checkpoint.save_top_k=3"]
-    if model == "sgma":
-        common.append("test=false")
+    if model == "sgma":  # with the paper augmentation: its draws follow (seed, epoch, index) across the restart
+        common += ["test=false", "augment=paper"]
     full_metrics, full = train(_cfg(tmp_path / "full", model, *common))
 
     cut = tmp_path / "cut"
@@ -247,3 +248,23 @@ def test_ddp_ranks_stop_together_on_sigterm(tmp_path):
     batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
     # saved in the end hook of batch index `batches` (counted completed after the hook): a compared batch
     assert state["epoch"] > 0 or (batches + 1) % 10 == 0, batches
+
+
+def test_checkpoints_from_before_augment_and_loss_resume_as_they_trained():
+    """A stored config without the later `augment`, `loss` and `fresh_scenes` keys compares as none / ce / false
+    (what those runs did), and a real difference is still reported."""
+    from omegaconf import OmegaConf
+
+    from sgma.recovery import resume_differences
+
+    current = OmegaConf.to_container(compose_config("train", []))
+    current.pop("hydra")
+    old = copy.deepcopy(current)
+    del old["augment"], old["loss"], old["dataset"]["builder"]["fresh_scenes"]
+    assert resume_differences(old, current) == []
+    current["augment"]["hflip"] = 0.5
+    current["loss"]["_target_"] = "sgma.losses.OhemCrossEntropy"
+    assert resume_differences(old, current) == [
+        "augment.hflip: (absent) -> 0.5",
+        "loss._target_: 'sgma.losses.CrossEntropy' -> 'sgma.losses.OhemCrossEntropy'",
+    ]

@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sgma.data.datamodule import MultiModalDataModule
+from sgma.losses import CrossEntropy
 from sgma.module import SegmentationModule
 from sgma.utils import instantiate
 
@@ -26,14 +27,20 @@ def build_datamodule(cfg: DictConfig) -> MultiModalDataModule:
         seed=cfg.seed,
         sampler=data.get("sampler", "random"),
         mas_options=OmegaConf.to_container(data.mas, resolve=True) if data.get("mas") else None,
+        # configs written before augmentation existed have no `augment`: they trained without it (none)
+        augment=instantiate(cfg.augment) if cfg.get("augment") else None,
     )
 
 
 def build_module(cfg: DictConfig, dm: MultiModalDataModule) -> SegmentationModule:
     # dataset facts flow to the model here, never as literals in configs
     net = instantiate(cfg.model, modalities=dm.modalities, num_classes=dm.num_classes)
+    # a config stored before the `loss` group existed has no `loss` node: those runs trained with cross-entropy,
+    # so that is what rebuilds them (not a fallback: it is their loss, and eval/predict rebuild through here)
+    loss = instantiate(cfg.loss) if "loss" in cfg else CrossEntropy
     return SegmentationModule(
         net=net,
+        loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         patterns=dm.patterns,

@@ -791,7 +791,11 @@ def predict(cfg: Any) -> dict[str, Any]:
     facts = ckpt[CHECKPOINT_KEY].get("dataset")
     if facts:  # the checkpoint carries the normalisation, classes, palette and transforms: no training data needed
         modalities = [
-            Modality(m["name"], m["channels"], tuple(m["mean"]), tuple(m["std"])) for m in facts["modalities"]
+            # kind/value_max: absent in checkpoints written before they were stored (inference does not use them)
+            Modality(
+                m["name"], m["channels"], tuple(m["mean"]), tuple(m["std"]), m.get("kind", "other"), m.get("value_max")
+            )
+            for m in facts["modalities"]
         ]
         num_classes, palette = len(facts["classes"]), [tuple(c) for c in facts["palette"]]
         transforms = facts.get("input_transforms") or {}  # absent in checkpoints written before it was stored

@@ -15,14 +15,25 @@ from dataclasses import dataclass
 SEPARATOR = "+"
 
 
+# What a modality measures, for the transforms that must treat it differently (sgma.data.augment): photometric
+# jitter touches only optical images, and categorical rasters (class maps) are resampled nearest, never blended.
+KINDS = ("optical", "elevation", "sar", "categorical", "other")
+
+
 @dataclass(frozen=True)
 class Modality:
-    """One input modality: its name, channel count and per-channel normalisation (applied as (x-mean)/std)."""
+    """One input modality: its name, channel count and per-channel normalisation (applied as (x-mean)/std).
+
+    ``kind`` is one of :data:`KINDS`; an optical modality also gives ``value_max``, its raw value of full
+    brightness (255 for 8-bit imagery, 1.0 for reflectance), which photometric jitter scales by.
+    """
 
     name: str
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    kind: str = "other"
+    value_max: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.islower() or SEPARATOR in self.name:
@@ -36,6 +47,13 @@ class Modality:
                 )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"modality {self.name!r}: std must be positive, got {self.std}")
+        if self.kind not in KINDS:
+            raise ValueError(f"modality {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "optical" and not (self.value_max is not None and self.value_max > 0):
+            raise ValueError(
+                f"optical modality {self.name!r} needs value_max > 0 (its raw value of full brightness: 255 for "
+                f"8-bit images, 65535 for 16-bit, 1.0 for reflectance), got {self.value_max!r}"
+            )
 
 
 def names_of(modalities: Sequence[Modality | str]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MaxMetric
 
+from sgma.losses import loss_on_rows
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
 from sgma.models.encoder import packing_index
 from sgma.models.segmentor import MultiModalSegmentor
@@ -38,8 +39,11 @@ def draw_categorical(scores: Tensor) -> Tensor:
 class SegmentationModule(L.LightningModule):
     """Dataset facts (pattern names, class names) are passed in by the caller that built the datamodule.
 
-    Training loss: ``lambda_main * CE(fused)``, plus ``lambda_mas * CE(single-modality branch)`` when the MAS
-    branch is on (paper: 2 and 1). The MAS branch is training-only: validation, test and inference never run it.
+    ``loss`` builds the segmentation loss from the module's ``ignore_index`` (a ``conf/loss`` partial:
+    cross-entropy, the paper's, by default; OHEM or CE + Dice as options). Training loss:
+    ``lambda_main * loss(fused)``, plus ``lambda_mas * loss(single-modality branch)`` when the MAS branch is on
+    (paper: 2 and 1, with cross-entropy); ``val/loss`` and ``test/loss`` are the same loss on the fused
+    prediction. The MAS branch is training-only: validation, test and inference never run it.
 
     MAS branch: the step's robustness maps (mean over space and scales) give each available modality a
     relative robustness rho_m = k * r_m (k available modalities, so 1 means "average"); the paper's scores
@@ -47,9 +51,9 @@ class SegmentationModule(L.LightningModule):
     (``mas_draw=batch``, over the modalities present in the batch, rho averaged over the samples that have
     them) or one per sample (``mas_draw=sample``). That modality is fused and decoded *alone* from the
     main pass's prepared features (no second encoder pass, no second run of SGF's projectors) and supervised
-    with its own cross-entropy. Fusions
-    without robustness maps (mean, concat) use an EMA of each modality's own-branch loss as the fragility
-    instead (higher loss = more fragile), so ``s_m`` is proportional to it.
+    with its own loss. Fusions without robustness maps (mean, concat) use an EMA of each modality's
+    own-branch cross-entropy (whatever the training loss) as the fragility instead (higher loss = more
+    fragile), so ``s_m`` is proportional to it.
 
     Logged metrics: ``train/loss`` (and ``train/loss_main``, ``train/loss_mas``, ``train/mas/drawn_<m>``,
     ``train/robustness/s<i>/<m>``); for ``val`` and ``test`` per pattern ``{split}/{pattern}/{miou,mf1,oa}``
@@ -66,6 +70,7 @@ class SegmentationModule(L.LightningModule):
         self,
         *,
         net: MultiModalSegmentor,
+        loss: Callable[..., torch.nn.Module],
         optimizer: Callable,
         scheduler: Callable | None,
         patterns: Sequence[str],
@@ -89,6 +94,11 @@ class SegmentationModule(L.LightningModule):
         self.exclude_classes = list(exclude_classes)
         self.missing_probs = list(missing_probs)
         self.ignore_index = ignore_index
+        if not callable(loss):
+            raise TypeError(
+                f"loss must build a loss from ignore_index (a conf/loss option such as loss=ce), got {loss!r}"
+            )
+        self.loss = loss(ignore_index=ignore_index)  # (B, C, H, W) logits, (B, H, W) mask -> scalar
         self.confusion = torch.nn.ModuleDict(  # one per Lightning loop
             {
                 loop: PatternConfusion(
@@ -129,9 +139,6 @@ class SegmentationModule(L.LightningModule):
         if isinstance(batch, dict) and isinstance(batch.get("available"), Tensor) and "encode_index" not in batch:
             batch["encode_index"] = packing_index(batch["available"])
         return batch
-
-    def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
 
     # training ----------------------------------------------------------------------------------------------
     # Nothing in a training step reads a tensor value on the host (no .item(), no boolean indexing, no Python
@@ -204,12 +211,12 @@ class SegmentationModule(L.LightningModule):
         out_size: tuple[int, int],
         robustness: Tensor | None,
     ) -> Tensor:
-        """Fuse and decode one drawn modality alone from the main pass's prepared features; return its
-        cross-entropy.
+        """Fuse and decode one drawn modality alone from the main pass's prepared features; return its loss.
 
         Static shapes: with ``mas_draw=batch`` the whole batch is decoded under the drawn modality, and the
-        samples that lack it get weight 0 in the loss (instead of being cut out, which needs their count on
-        the host). Their slot holds a finite, unused value, so they cost compute but never a NaN.
+        labels of the samples that lack it are ignored in the loss (instead of cutting those samples out, which
+        needs their count on the host); for cross-entropy that is weight 0. Their slot holds a finite, unused
+        value, so they cost compute but never a NaN.
         """
         fragility = self._fragility(None if robustness is None else robustness.detach(), available)
         b, num_modalities = available.shape
@@ -219,16 +226,17 @@ class SegmentationModule(L.LightningModule):
         else:
             drawn = draw_categorical(fragility)
         alone = drawn.unsqueeze(1) == torch.arange(num_modalities, device=drawn.device)  # (B, M) one-hot
-        rows = (alone & available).any(dim=1).float()  # (B,) samples that have their drawn modality
+        has_drawn = (alone & available).any(dim=1)  # (B,) samples that have their drawn modality
+        rows = has_drawn.float()
         logits = self.net.fuse_decode(prepared, alone, out_size).logits
         if self.mas_draw == "batch":
-            per_pixel = F.cross_entropy(logits, mask, ignore_index=self.ignore_index, reduction="none")
-            weight = (mask != self.ignore_index).float() * rows.view(-1, 1, 1)
-            loss = (per_pixel * weight).sum() / weight.sum().clamp(min=1)
-        else:
+            loss = loss_on_rows(self.loss, logits, mask, has_drawn, self.ignore_index)
+        else:  # every sample drew one of its own modalities
             loss = self.loss(logits, mask)
         self._accumulate("mas_drawn", (alone.float() * rows[:, None]).sum(dim=0), rows.sum())
         if robustness is None:  # keep the loss-based fragility of the drawn modalities up to date
+            # per-sample cross-entropy whatever the training loss: a per-sample measure that OHEM or the
+            # batch-wide Dice do not give; a second CE over the logits, cheap next to the network
             with torch.no_grad():
                 per_pixel = F.cross_entropy(logits.detach(), mask, ignore_index=self.ignore_index, reduction="none")
                 valid = (mask != self.ignore_index).float()

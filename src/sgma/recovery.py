@@ -449,6 +449,8 @@ RESUME_KEYS = (
     "model",
     "mas",
     "missing",
+    "augment",
+    "loss",
     "optimizer",
     "scheduler",
     "seed",
@@ -458,6 +460,27 @@ RESUME_KEYS = (
 )
 # leaves that only say where things are or how they are shown: moving the data is fine
 RESUME_IGNORED_LEAVES = ("root", "cache_dir", "progress", "num_workers")
+# config keys added after checkpoints were written, with what reproduces those runs (a conf/ file or a value):
+# a checkpoint that lacks one compares as if it had it, wherever the current config has the key
+ADDED_LATER: dict[str, str | Any] = {
+    "augment": "augment/none.yaml",
+    "loss": "loss/ce.yaml",
+    "dataset.builder.fresh_scenes": False,
+}
+
+
+def _with_added_later(saved: Mapping, current: Mapping) -> dict:
+    """``saved`` with each absent :data:`ADDED_LATER` key that ``current`` has set to its old behaviour."""
+    from omegaconf import OmegaConf
+
+    from sgma.config import CONFIG_DIR
+
+    out = OmegaConf.create(dict(saved))
+    for dotted, old in ADDED_LATER.items():
+        if _select(saved, dotted) is _ABSENT and _select(current, dotted) is not _ABSENT:
+            value = OmegaConf.load(CONFIG_DIR / old) if isinstance(old, str) else old
+            OmegaConf.update(out, dotted, value, force_add=True)
+    return OmegaConf.to_container(out)
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
@@ -489,6 +512,7 @@ _ABSENT = _Absent()
 def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
     """``key: checkpoint -> now`` for every leaf of :data:`RESUME_KEYS` that differs between the two configs."""
     diffs = []
+    saved = _with_added_later(saved, current)
     for section in RESUME_KEYS:
         old = _flatten(_select(saved, section), section)
         new = _flatten(_select(current, section), section)

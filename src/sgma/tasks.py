@@ -67,7 +67,15 @@ def dataset_facts(dm: MultiModalDataModule) -> dict:
 
     return {
         "modalities": [
-            {"name": m.name, "channels": m.channels, "mean": list(m.mean), "std": list(m.std)} for m in dm.modalities
+            {
+                "name": m.name,
+                "channels": m.channels,
+                "mean": list(m.mean),
+                "std": list(m.std),
+                "kind": m.kind,
+                "value_max": m.value_max,
+            }
+            for m in dm.modalities
         ],
         "classes": list(dm.classes),
         "palette": [list(c) for c in dm.palette],

@@ -1,8 +1,10 @@
 """Incomplete-modality samples and the LightningDataModule that feeds them.
 
-Samplers yield ``(sample index, pattern id)`` keys and :class:`IncompleteModalityDataset` turns a key into a
-sample: normalised modality tensors (zeros for missing ones), ``mask`` (int64, 255 = ignore),
+Samplers yield ``(sample index, pattern id[, epoch])`` keys and :class:`IncompleteModalityDataset` turns a key
+into a sample: normalised modality tensors (zeros for missing ones), ``mask`` (int64, 255 = ignore),
 ``available`` (bool per modality), ``pattern`` (the pattern id, for per-pattern metrics) and ``index``.
+Training keys carry the epoch: the sample's crop and augmentation are drawn from (seed, epoch, index), so every
+epoch differs while every run, worker and resumed run draws the same sample for the same key.
 Samplers shard themselves under DDP (the trainer runs with ``use_distributed_sampler=False``). Training
 draws patterns with a :class:`~sgma.data.missing.MissingPolicy`; validation and test visit every
 (pattern, sample) pair of a pattern list deterministically.
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sgma.data.augment import Augment
 from sgma.data.mas import MASSampler, RobustnessMemory
 from sgma.data.missing import MissingPolicy, UniformPatterns
 from sgma.data.sharding import EpochSampler, distributed_rank_and_size
@@ -32,14 +35,29 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 
 
 class IncompleteModalityDataset(Dataset):
-    """Wraps a raw multimodal dataset; ``dataset[(index, pattern_id)]`` is one incomplete-modality sample.
+    """Wraps a raw multimodal dataset; ``dataset[(index, pattern_id)]`` is one incomplete-modality sample, and
+    ``dataset[(index, pattern_id, epoch)]`` one training sample of that epoch, augmented by ``augment``.
 
-    The raw dataset returns un-normalised float tensors per modality and ``mask``; it declares
-    ``modalities`` (canonical order, with normalisation), ``classes`` and ``palette``.
+    The raw dataset returns un-normalised float tensors per modality and ``mask`` (``base[index]``); it declares
+    ``modalities`` (canonical order, with normalisation), ``classes`` and ``palette``. A training split also has
+    ``crop_size`` and ``sample(index, epoch, window, names)``: sample ``index`` of ``epoch`` read as a random
+    window of side ``window`` (which the augmentation's zoom resizes to ``crop_size``), only for the modalities
+    ``names`` (missing ones are never read).
     """
 
-    def __init__(self, base: Dataset) -> None:
+    # the augmentation's stream is (seed, epoch, index, AUGMENT_STREAM): apart from the dataset's crop positions,
+    # which are drawn from (dataset seed, epoch, index), even when both seeds are equal
+    AUGMENT_STREAM = 1
+
+    def __init__(self, base: Dataset, *, augment: Augment | None = None, seed: int = 0) -> None:
         self.base = base
+        self.augment = augment
+        self.seed = int(seed)
+        if augment is not None and not (hasattr(base, "sample") and hasattr(base, "crop_size")):
+            raise TypeError(
+                f"{type(base).__name__} cannot serve training samples: a train dataset needs crop_size and "
+                f"sample(index, epoch, window, names) (see sgma.data.tiles.CachedCropDataset)"
+            )
         self.modalities: tuple[Modality, ...] = tuple(base.modalities)
         self.patterns = all_patterns(self.modalities)
         self.masks = torch.tensor([pattern_mask(p, self.modalities) for p in self.patterns])
@@ -50,23 +68,34 @@ class IncompleteModalityDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, pattern_id = key
-        raw = self.base[index]
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        index, pattern_id, *epoch = key
         available = self.masks[pattern_id]
+        if epoch:
+            present = [m for m, a in zip(self.modalities, available.tolist(), strict=True) if a]
+            raw = self._training_sample(index, int(epoch[0]), present)
+        else:
+            raw = self.base[index]
         sample: dict[str, torch.Tensor] = {}
         for m, present in zip(self.modalities, available.tolist(), strict=True):
-            x = raw[m.name]
             if present:
                 mean, std = self.norm[m.name]
-                sample[m.name] = ((x - mean) / std).float()
+                sample[m.name] = ((raw[m.name] - mean) / std).float()
             else:
-                sample[m.name] = torch.zeros_like(x, dtype=torch.float32)
+                sample[m.name] = torch.zeros(m.channels, *raw["mask"].shape, dtype=torch.float32)
         sample["mask"] = raw["mask"].long()
         sample["available"] = available.clone()
         sample["pattern"] = torch.tensor(pattern_id, dtype=torch.long)
         sample["index"] = torch.tensor(index, dtype=torch.long)  # robustness memory is kept per sample
         return sample
+
+    def _training_sample(self, index: int, epoch: int, present: list[Modality]) -> dict[str, torch.Tensor]:
+        """The raw, augmented modalities ``present`` and mask of training sample ``index`` in ``epoch``."""
+        augment = self.augment or Augment()
+        crop = int(self.base.crop_size)
+        draw = augment.draw(np.random.default_rng((self.seed, epoch, index, self.AUGMENT_STREAM)), crop)
+        raw = self.base.sample(index, epoch, draw.window, [m.name for m in present])
+        return augment(raw, draw, present, crop)  # also pads a window clipped by a small image
 
 
 class RandomPatternSampler(EpochSampler):
@@ -153,6 +182,7 @@ class MultiModalDataModule(L.LightningDataModule):
         seed: int = 0,
         sampler: str = "random",
         mas_options: Mapping | None = None,
+        augment: Augment | None = None,
     ) -> None:
         super().__init__()
         if sampler not in ("random", "mas"):
@@ -168,6 +198,7 @@ class MultiModalDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.pattern_lists = {"val": val_patterns, "test": test_patterns}
         self.seed = seed
+        self.augment = augment or Augment()  # training only; Augment() = none
         self._datasets: dict[str, IncompleteModalityDataset] = {}
         self.train_sampler: EpochSampler | None = None
         self._pending_state: dict | None = None  # a checkpoint's state, applied when the train sampler is built
@@ -179,7 +210,9 @@ class MultiModalDataModule(L.LightningDataModule):
         if split not in self._datasets:
             if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-            self._datasets[split] = IncompleteModalityDataset(self.factory(split=split, **self.splits[split]))
+            base = self.factory(split=split, **self.splits[split])
+            augment = self.augment if split == "train" else None
+            self._datasets[split] = IncompleteModalityDataset(base, augment=augment, seed=self.seed)
         return self._datasets[split]
 
     # dataset facts -------------------------------------------------------------------------------------

@@ -127,6 +127,8 @@ MODALITIES = {
     "event": ("event", "event", 3),
     "lidar": ("lidar", "lidar", 3),
 }
+# Modality.kind, value_max: only the camera image is optical (HHA depth, event and LiDAR images are encodings)
+KINDS = {"rgb": ("optical", 255.0), "depth": ("other", None), "event": ("other", None), "lidar": ("other", None)}
 LABEL = ("semantic", "semantic")  # (folder, tag)
 RGB_FILE = re.compile(r"^(?P<frame>.+)_rgb_(?P<view>[^_]+)\.png$", re.IGNORECASE)
 LOWRES_EVENT = "eventlowres"  # the sequences (folder-name suffix) whose event images are smaller than the frame
@@ -328,7 +330,7 @@ class Deliver(CachedCropDataset):
         self._prepare_cache(sources, self._load, progress=progress)
         self._note_event_resizes()
         self.modalities: tuple[Modality, ...] = tuple(
-            Modality(n, MODALITIES[n][2], *self.cache.stats(n)) for n in names
+            Modality(n, MODALITIES[n][2], *self.cache.stats(n), *KINDS[n]) for n in names
         )
         self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed, ignore_index=IGNORE)
 

@@ -74,6 +74,7 @@ CLASSES = ("background", "building")
 PALETTE = ((0, 0, 0), (255, 255, 255))
 SPLITS = ("train", "val", "test")
 MODALITIES = {"rgb": 3, "dsm": 1, "sar": 1}  # name -> channels, in the canonical order
+KINDS = {"rgb": ("optical", 255.0), "dsm": ("elevation", None), "sar": ("sar", None)}  # Modality.kind, value_max
 # name -> the folders under train/ that may hold it (the release says dsm/, the baseline's README height/)
 FOLDERS = {"rgb": ("rgb",), "sar": ("sar",), "dsm": ("dsm", "height")}
 ANNOTATIONS = "buildings_only_train.json"
@@ -326,7 +327,9 @@ class DFC2023(CachedCropDataset):
         self._coco: dict[str, Any] = {}
         self._prepare_cache(sources, self._load, progress=progress)
         self._coco.clear()
-        self.modalities: tuple[Modality, ...] = tuple(Modality(n, MODALITIES[n], *self.cache.stats(n)) for n in names)
+        self.modalities: tuple[Modality, ...] = tuple(
+            Modality(n, MODALITIES[n], *self.cache.stats(n), *KINDS[n]) for n in names
+        )
         self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed)
 
     # -- discovery ------------------------------------------------------------------------------------

@@ -17,9 +17,12 @@ A modality may declare the physical range of its values (``valid_range: [low, hi
 for heights in metres above ground): values outside it are clipped into it, and float values beyond the
 float16 storage (+-65000) are clipped to it; both are counted per image with one warning. Missing
 ``mean``/``std`` are measured on the train split, leaving no-data and clipped pixels out, and stored in the
-cache manifest.
+cache manifest. ``kind`` (optical, elevation, sar, categorical, other: the default) and, for optical images,
+``value_max`` tell the training augmentation how to treat a modality (:mod:`sgma.data.augment`); they are not
+part of the cache's identity.
 
-Training reads random ``crop_size`` crops (images smaller than the crop are padded with ignore labels);
+Training reads random ``crop_size`` crops, fresh each epoch (images smaller than the crop are padded with
+ignore labels);
 val/test read a sliding grid that scores every pixel once. Modality names are free (lowercase, no ``+``),
 so use ``missing=uniform`` or ``missing=pattern missing.pattern=a+b`` rather than a named pattern option.
 """
@@ -49,7 +52,7 @@ from sgma.data.tiles import (
     outlier_message,
     read_error,
 )
-from sgma.modalities import SEPARATOR, Modality, parse_pattern
+from sgma.modalities import KINDS, SEPARATOR, Modality, parse_pattern
 
 NAME = "folder"
 SPLITS = ("train", "val", "test")
@@ -71,8 +74,8 @@ TREE = """\
 
 EXAMPLE_YAML = """\
 modalities:                 # canonical order; names lowercase, no '+'
-  - {name: rgb, channels: 3}                                 # mean/std measured on train if absent
-  - {name: dsm, channels: 1, mean: [4.2], std: [5.1], nodata: -9999, valid_range: [-100, 1000]}
+  - {name: rgb, channels: 3, kind: optical, value_max: 255}  # mean/std measured on train if absent
+  - {name: dsm, channels: 1, kind: elevation, mean: [4.2], std: [5.1], nodata: -9999, valid_range: [-100, 1000]}
 classes: [background, building, road]
 palette: [[0, 0, 0], [255, 0, 0], [128, 128, 128]]          # optional; labels may then be RGB colours
 ignore_index: 255           # label value ignored in the loss and metrics (default 255)
@@ -89,6 +92,12 @@ def _expected(problem: str) -> FileNotFoundError:
 
 
 # --------------------------------------------------------------------------------------------- config
+def _without_augmentation_keys(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """The description as the cache sees it: modality entries without kind/value_max."""
+    mods = [{k: v for k, v in m.items() if k not in ("kind", "value_max")} for m in desc["modalities"]]
+    return {**desc, "modalities": mods}
+
+
 def load_description(root: Path) -> tuple[dict[str, Any], Path]:
     """The parsed ``dataset.yaml``/``.json`` of ``root`` and its path."""
     for name in CONFIG_NAMES:
@@ -125,7 +134,7 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
 
     mods = desc.get("modalities")
     if not isinstance(mods, list) or not mods:
-        raise bad("'modalities' must be a non-empty list of {name, channels, mean?, std?, nodata?}")
+        raise bad("'modalities' must be a non-empty list of {name, channels, kind?, value_max?, mean?, std?, nodata?}")
     modalities = []
     for m in mods:
         if not isinstance(m, dict) or "name" not in m or "channels" not in m:
@@ -137,6 +146,16 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         if channels < 1:
             raise bad(f"modality {name!r}: channels must be >= 1")
         entry = {"name": name, "channels": channels, "nodata": m.get("nodata"), "valid_range": None}
+        # kind (default other) and value_max steer training augmentation only (sgma.data.augment)
+        entry["kind"] = str(m.get("kind", "other"))
+        if entry["kind"] not in KINDS:
+            raise bad(f"modality {name!r}: kind must be one of {', '.join(KINDS)}, got {entry['kind']!r}")
+        entry["value_max"] = None if m.get("value_max") is None else float(m["value_max"])
+        if entry["kind"] == "optical" and not (entry["value_max"] or 0) > 0:
+            raise bad(
+                f"modality {name!r} is optical: give value_max, its raw value of full brightness (255 for 8-bit "
+                f"images, 65535 for 16-bit, 1.0 for reflectance), which photometric jitter scales by"
+            )
         if m.get("valid_range") is not None:
             bounds = m["valid_range"]
             try:
@@ -290,7 +309,8 @@ class FolderDataset(CachedCropDataset):
             dataset=NAME,
             sources=sources,
             splits=splits,
-            options={"description": self.desc},
+            # kind/value_max change augmentation, not the decoded pixels: editing them keeps the cache
+            options={"description": _without_augmentation_keys(self.desc)},
             stat_keys=tuple(self._mods),
         )
         self._prepare_cache(sources, self._load, progress=progress)
@@ -298,7 +318,7 @@ class FolderDataset(CachedCropDataset):
         for n in names:
             m = self._mods[n]
             mean, std = (m["mean"], m["std"]) if m["mean"] is not None else self.cache.stats(n)
-            mods.append(Modality(n, m["channels"], tuple(mean), tuple(std)))
+            mods.append(Modality(n, m["channels"], tuple(mean), tuple(std), m["kind"], m["value_max"]))
         self.modalities: tuple[Modality, ...] = tuple(mods)
         self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=seed)
 

@@ -78,6 +78,8 @@ PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 
 IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR, CLUTTER = range(len(CLASSES))
 BOUNDARY = (0, 0, 0)  # eroded labels: boundary pixels -> ignore
 IGNORE_INDEX = 255
+# Modality.kind, value_max: the 8-bit orthophotos are optical (the 8-bit nDSM is stored as heights, not optical)
+KINDS = {"rgb": ("optical", 255.0), "nir": ("optical", 255.0), "irrg": ("optical", 255.0), "dsm": ("elevation", None)}
 SPLITS = ("train", "val", "test")
 ISPRS_URL = "https://www.isprs.org/education/benchmarks/UrbanSemLab/default.aspx"
 NODATA_BELOW = -1000.0  # DSM values below this are no-data whatever the file's nodata tag says
@@ -324,7 +326,7 @@ class _ISPRSDataset(CachedCropDataset):
         )
         self._prepare_cache(sources, self._load_tile, progress=progress)
         self.modalities: tuple[Modality, ...] = tuple(
-            Modality(n, self.MODALITIES[n], *self.cache.stats(n)) for n in names
+            Modality(n, self.MODALITIES[n], *self.cache.stats(n), *KINDS[n]) for n in names
         )
         self.crops = self._serve_crops(names, num_samples=num_samples, stride=stride, seed=self.seed)
 

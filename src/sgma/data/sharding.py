@@ -2,9 +2,11 @@
 
 The training samplers (:class:`~sgma.data.datamodule.RandomPatternSampler`,
 :class:`~sgma.data.mas.MASSampler`) draw an epoch's ``(sample index, pattern id)`` keys as a function of
-(seed, epoch[, memory]), identical on every rank, and each rank takes its share. A run resumed from a checkpoint
-written mid-epoch must not see the keys it already trained on again: :meth:`EpochSampler.resume` makes the next
-iteration of that epoch skip them, exactly as many as the interrupted run consumed.
+(seed, epoch[, memory]), identical on every rank, and each rank takes its share, yielded as
+``(sample index, pattern id, epoch)``: the dataset draws the sample's crop and augmentation from the epoch.
+A run resumed from a checkpoint written mid-epoch must not see the keys it already trained on again:
+:meth:`EpochSampler.resume` makes the next iteration of that epoch skip them, exactly as many as the
+interrupted run consumed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def equal_shard(keys: list, rank: int, world_size: int) -> list:
     return padded[rank::world_size]
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
+class EpochSampler(Sampler[tuple[int, int, int]]):
     """Base of the training samplers: :meth:`epoch_keys` is the whole epoch's draw; this class shards it and
     skips what a resumed run already consumed.
 
@@ -73,9 +75,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
         """Keys the next iteration skips (0 unless resuming within the current epoch)."""
         return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         # a generator: the draw happens at the first next(), after Lightning's set_epoch for this epoch
         keys = self.shard(*distributed_rank_and_size())
         skip = self.pending_skip
         self._resume = None
-        yield from keys[skip:]
+        epoch = self.epoch
+        for index, pattern in keys[skip:]:
+            yield index, pattern, epoch

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sgma.data.tiles import random_window, read_window
 from sgma.modalities import Modality, format_pattern, parse_pattern
 
 CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
@@ -66,10 +67,10 @@ IMPERVIOUS, BUILDING, LOW_VEGETATION, TREE, CAR, CLUTTER = range(len(CLASSES))
 # mean/std of the raw generator output, measured on 200 train scenes (seed 0) at 128 px; re-measure with
 # `python -m sgma.data.synthetic` after changing the generator (tests/test_synthetic.py checks them).
 MODALITIES: dict[str, Modality] = {
-    "rgb": Modality("rgb", 3, mean=(0.355, 0.363, 0.304), std=(0.2, 0.18, 0.196)),  # reflectance
-    "nir": Modality("nir", 1, mean=(0.305,), std=(0.135,)),  # reflectance
-    "dsm": Modality("dsm", 1, mean=(4.43,), std=(5.71,)),  # metres
-    "sar": Modality("sar", 1, mean=(-14.2,), std=(6.84,)),  # dB
+    "rgb": Modality("rgb", 3, (0.355, 0.363, 0.304), (0.2, 0.18, 0.196), "optical", 1.0),  # reflectance
+    "nir": Modality("nir", 1, (0.305,), (0.135,), "optical", 1.0),  # reflectance
+    "dsm": Modality("dsm", 1, (4.43,), (5.71,), "elevation"),  # metres
+    "sar": Modality("sar", 1, (-14.2,), (6.84,), "sar"),  # dB
 }
 DEFAULT_MODALITIES = ("rgb", "nir", "dsm")
 SPLITS = ("train", "val", "test")
@@ -613,6 +614,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
     Splits are disjoint streams: scene ``i`` of split ``s`` with seed ``seed`` is scene ``i`` of the
     generator stream ``seed * 3 + SPLITS.index(s)``, so no (seed, split) pair ever repeats another's scenes.
+    With ``fresh_scenes`` (train only) sample ``i`` of epoch ``e`` is scene ``e * num_samples + i``: every
+    epoch brings new scenes, as an unlimited stream of data; otherwise the split is a fixed set of scenes,
+    like a real dataset.
     """
 
     classes = CLASSES
@@ -626,6 +630,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         image_size: int = 128,
         seed: int = 0,
         modalities: Sequence[str] | str = DEFAULT_MODALITIES,
+        fresh_scenes: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -640,28 +645,49 @@ class SyntheticScenes(torch.utils.data.Dataset):
         names = parse_pattern(modalities, tuple(MODALITIES))
         self.modalities: tuple[Modality, ...] = tuple(MODALITIES[n] for n in names)
         self.stream = self.seed * len(SPLITS) + SPLITS.index(split)
+        self.fresh_scenes = bool(fresh_scenes) and split == "train"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def crop_size(self) -> int:
+        """Side of a sample (the whole scene)."""
+        return self.image_size
+
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.sample(i)
+
+    def sample(
+        self, i: int, epoch: int = 0, window: int | None = None, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sample ``i`` of epoch ``epoch``: the modalities ``names`` (default: all) and ``mask``. A ``window``
+        other than the scene size reads a random window of that side (its position a function of (seed, epoch,
+        i)), clipped to the scene where it is larger (:mod:`sgma.data.augment` resizes, then pads)."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
         i %= self.num_samples
-        scene = render_scene(self.stream, i, self.image_size, [m.name for m in self.modalities])
-        sample = {m.name: torch.from_numpy(scene[m.name]) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(scene["mask"].astype(np.int64))
+        names = [m.name for m in self.modalities] if names is None else list(names)
+        scene_index = epoch * self.num_samples + i if self.fresh_scenes else i
+        scene = render_scene(self.stream, scene_index, self.image_size, names)
+        scene["mask"] = scene["mask"].astype(np.int64)
+        if window is not None and window != self.image_size:
+            size = self.image_size
+            win = random_window({"scene": (size, size)}, window, self.seed, i, epoch)
+            scene = {key: read_window(value, win.y, win.x, window, fill=None) for key, value in scene.items()}
+        sample = {name: torch.from_numpy(scene[name]) for name in names}
+        sample["mask"] = torch.from_numpy(scene["mask"])
         return sample
 
     def __repr__(self) -> str:
         pattern = format_pattern([m.name for m in self.modalities])
         return (
             f"SyntheticScenes(split={self.split!r}, num_samples={self.num_samples}, "
-            f"image_size={self.image_size}, seed={self.seed}, modalities={pattern!r})"
+            f"image_size={self.image_size}, seed={self.seed}, modalities={pattern!r}, fresh_scenes={self.fresh_scenes})"
         )
 
 

@@ -258,14 +258,16 @@ def default_num_samples(shapes: Mapping[str, Sequence[int]], crop: int) -> int:
     return max(1, sum(int(h) * int(w) for h, w in shapes.values()) // (crop * crop))
 
 
-def random_window(shapes: Mapping[str, Sequence[int]], crop: int, seed: int, index: int) -> Window:
-    """Crop ``index`` of stream ``seed``: tile drawn proportionally to its area, position uniform.
+def random_window(shapes: Mapping[str, Sequence[int]], crop: int, seed: int, index: int, epoch: int = 0) -> Window:
+    """Crop ``index`` of epoch ``epoch`` in stream ``seed``: tile drawn proportionally to its area, position
+    uniform (a window larger than its tile starts at the top-left corner and is padded).
 
-    Deterministic in (seed, index) alone, so any worker process draws the same crop for the same index.
+    Deterministic in (seed, epoch, index), so any worker process draws the same crop for the same key and
+    every epoch draws fresh crops.
     """
     tiles = list(shapes)
     areas = np.array([shapes[t][0] * shapes[t][1] for t in tiles], np.float64)
-    rng = np.random.default_rng((int(seed), int(index)))
+    rng = np.random.default_rng((int(seed), int(epoch), int(index)))
     tile = tiles[int(rng.choice(len(tiles), p=areas / areas.sum()))]
     h, w = shapes[tile]
     y = int(rng.integers(0, max(h - crop, 0) + 1))
@@ -273,9 +275,12 @@ def random_window(shapes: Mapping[str, Sequence[int]], crop: int, seed: int, ind
     return Window(tile, y, x, crop)
 
 
-def read_window(array: np.ndarray, y: int, x: int, size: int, fill: float = 0) -> np.ndarray:
-    """``array[..., y:y+size, x:x+size]`` as a fresh array, padded with ``fill`` where the tile is smaller."""
+def read_window(array: np.ndarray, y: int, x: int, size: int, fill: float | None = 0) -> np.ndarray:
+    """``array[..., y:y+size, x:x+size]`` as a fresh array, padded with ``fill`` where the tile is smaller
+    (``fill=None``: not padded, so smaller than ``size`` there)."""
     crop = np.array(array[..., y : y + size, x : x + size])  # copies just this window out of the memmap
+    if fill is None:
+        return crop
     h, w = crop.shape[-2:]
     if (h, w) != (size, size):
         pad = [(0, 0)] * (crop.ndim - 2) + [(0, size - h), (0, size - w)]
@@ -803,10 +808,11 @@ class TileCache:
 class TileCropDataset:
     """Crops of a prepared :class:`TileCache` split: the body of every large-tile dataset's ``__getitem__``.
 
-    Training (``random=True``): ``num_samples`` crops drawn by :func:`random_window` from (seed, index)
-    (default: as many as tile the split's area once). Evaluation: the :func:`grid_windows` of every tile;
-    pixels an earlier window already scored are set to ``ignore_index`` in the mask, so summing confusion
-    matrices over windows equals scoring each full tile exactly once.
+    Training (``random=True``): ``num_samples`` crops per epoch drawn by :func:`random_window` from
+    (seed, epoch, index) (default: as many as tile the split's area once), of any window side (the
+    augmentation's zoom reads larger or smaller windows, see :mod:`sgma.data.augment`). Evaluation: the
+    :func:`grid_windows` of every tile; pixels an earlier window already scored are set to ``ignore_index``
+    in the mask, so summing confusion matrices over windows equals scoring each full tile exactly once.
     """
 
     def __init__(
@@ -850,19 +856,34 @@ class TileCropDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def window(self, index: int) -> Window:
+    def window(self, index: int, epoch: int = 0, size: int | None = None) -> Window:
+        """Window ``index`` (of epoch ``epoch`` and side ``size``, default the crop size, for random crops)."""
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} crops")
         index %= self.num_samples
         if self.windows is None:
-            return random_window(self.shapes, self.crop_size, self.seed, index)
+            return random_window(self.shapes, size or self.crop_size, self.seed, index, epoch)
+        if size not in (None, self.crop_size):
+            raise ValueError(f"the {self.split} grid's windows are {self.crop_size} px: they cannot be read at {size}")
         return self.windows[index]
 
-    def read(self, index: int) -> dict[str, np.ndarray]:
-        """Raw crop arrays (storage dtypes) of every key plus the label, for window ``index``."""
-        win = self.window(index)
-        out = {k: read_window(self.cache.array(win.tile, k), win.y, win.x, win.size) for k in self.keys}
-        label = read_window(self.cache.array(win.tile, self.label_key), win.y, win.x, win.size, self.ignore_index)
+    def read(
+        self,
+        index: int,
+        epoch: int = 0,
+        size: int | None = None,
+        keys: Sequence[str] | None = None,
+        *,
+        pad: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Raw crop arrays (storage dtypes) of ``keys`` (default: every key) plus the label, for window
+        ``index`` of epoch ``epoch`` and side ``size``; ``pad=False`` leaves the part beyond the tile out (the
+        augmentation resizes the content first and pads after, so padding never blends into pixels)."""
+        win = self.window(index, epoch, size)
+        keys = self.keys if keys is None else keys
+        fill, label_fill = (0, self.ignore_index) if pad else (None, None)
+        out = {k: read_window(self.cache.array(win.tile, k), win.y, win.x, win.size, fill) for k in keys}
+        label = read_window(self.cache.array(win.tile, self.label_key), win.y, win.x, win.size, label_fill)
         if win.own is not None:
             y0, y1, x0, x1 = win.own
             owned = np.full_like(label, self.ignore_index)
@@ -870,6 +891,13 @@ class TileCropDataset:
             label = owned
         out[self.label_key] = label
         return out
+
+
+def _as_tensors(raw: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Stored crop arrays -> float32 modality tensors and the int64 mask."""
+    sample = {name: torch.from_numpy(raw[name].astype(np.float32)) for name in names}
+    sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
+    return sample
 
 
 class CachedCropDataset(torch.utils.data.Dataset):
@@ -938,10 +966,17 @@ class CachedCropDataset(torch.utils.data.Dataset):
         return len(self.crops)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        raw = self.crops.read(index)
-        sample = {m.name: torch.from_numpy(raw[m.name].astype(np.float32)) for m in self.modalities}
-        sample["mask"] = torch.from_numpy(raw["mask"].astype(np.int64))
-        return sample
+        names = [m.name for m in self.modalities]
+        return _as_tensors(self.crops.read(index, keys=names), names)
+
+    def sample(
+        self, index: int, epoch: int = 0, window: int | None = None, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Training sample ``index`` of epoch ``epoch``: float32 (C, h, w) tensors of the modalities ``names``
+        (default: all) and the int64 ``mask`` of a random window of side ``window`` (default: the crop size),
+        clipped to its tile (h, w < window where the tile is smaller; :mod:`sgma.data.augment` pads)."""
+        names = [m.name for m in self.modalities] if names is None else list(names)
+        return _as_tensors(self.crops.read(index, epoch, window, names, pad=False), names)
 
     def __repr__(self) -> str:
         names = "+".join(m.name for m in self.modalities)

@@ -47,8 +47,16 @@ def make_fake_folder(
             Image.fromarray(label).save(root / "labels" / f"{stem}.png")
     desc = {
         "modalities": [
-            {"name": "rgb", "channels": 3},
-            {"name": "dsm", "channels": 1, "mean": [3.0], "std": [5.0], "nodata": -9999, "valid_range": [-100, 1000]},
+            {"name": "rgb", "channels": 3, "kind": "optical", "value_max": 255},
+            {
+                "name": "dsm",
+                "channels": 1,
+                "kind": "elevation",
+                "mean": [3.0],
+                "std": [5.0],
+                "nodata": -9999,
+                "valid_range": [-100, 1000],
+            },
         ],
         "classes": list(FOLDER_CLASSES),
         "palette": [list(c) for c in FOLDER_PALETTE],
