@@ -257,7 +257,8 @@ def test_checkpoints_from_before_augment_and_loss_resume_as_they_trained():
 
     from sgma.recovery import resume_differences
 
-    current = OmegaConf.to_container(compose_config("train", []))
+    # what those runs did, spelt out: no augmentation, fixed synthetic scenes, cross-entropy
+    current = OmegaConf.to_container(compose_config("train", ["augment=none", "dataset.builder.fresh_scenes=false"]))
     current.pop("hydra")
     old = copy.deepcopy(current)
     del old["augment"], old["loss"], old["dataset"]["builder"]["fresh_scenes"]

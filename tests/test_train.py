@@ -55,7 +55,9 @@ def test_train_then_eval_checkpoint(cfg_train, tmp_path):
 
 @pytest.mark.parametrize("model", ["baseline", "sgma"])
 def test_training_lowers_the_loss(model, tmp_path):
-    cfg_train = bind_to(compose_config("train", ["debug=tiny", "logger=csv", f"model={model}"]), tmp_path)
+    # 16 fixed, un-augmented scenes seen 6 times: the loss on them must fall
+    overrides = ["debug=tiny", "logger=csv", f"model={model}", "augment=none", "dataset.builder.fresh_scenes=false"]
+    cfg_train = bind_to(compose_config("train", overrides), tmp_path)
     with open_dict(cfg_train):
         cfg_train.dataset.splits.train.num_samples = 16
         cfg_train.trainer.max_epochs = 6
@@ -130,20 +132,3 @@ def test_cli_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "unknown modality 'sar'" in proc.stderr
     proc = _run(["ckpt_path=/does/not/exist.ckpt"], tmp_path, script="eval.py")
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
-
-
-def test_notebook_runs_on_a_trained_checkpoint(tmp_path, monkeypatch):
-    """Execute every code cell of notebooks/explore.ipynb against a freshly trained tiny SGMA checkpoint."""
-    run = tmp_path / "logs" / "train" / "runs" / "tiny"
-    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=sgma", "test=false"]), run)
-    train(cfg)
-    notebook = json.loads((REPO / "notebooks" / "explore.ipynb").read_text())
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "explore.ipynb", "exec"), namespace)
-    out = tmp_path / "notebook_outputs"
-    assert {p.name for p in out.iterdir()} == {"scene.png", "robustness.png", "prediction.png"}
-    maps = namespace["maps"]
-    torch.testing.assert_close(maps.sum(dim=0), torch.ones_like(maps[0]))
