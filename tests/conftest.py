@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # W&B must never try the network in tests; offline runs still write real run files
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# offline W&B stages artifacts and tables under WANDB_DATA_DIR (default ~/.local/share/wandb): keep them in /tmp
+os.environ.setdefault("WANDB_DATA_DIR", tempfile.mkdtemp(prefix="sgma-wandb-data-"))
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:

@@ -354,8 +354,13 @@ def _child(job: dict, threads: int) -> None:
     os.chdir(job["cwd"])
     os.environ.update(job["env"])
     import torch
+    from wandb.sdk.data_types._private import MEDIA_TMP
 
     torch.set_num_threads(threads)  # the children share the cores
+    # wandb makes its media folder (a TemporaryDirectory) at import, i.e. once in this server: a child's exit
+    # would delete it under every other child, so only the server's exit removes it
+    MEDIA_TMP._finalizer.detach()
+    atexit.unregister(MEDIA_TMP.cleanup)
     argv, code = job["argv"], 0
     try:
         if argv[0] == "-m":

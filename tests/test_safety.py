@@ -125,9 +125,11 @@ def test_crafted_refused_by_the_notebook(crafted, tmp_path, monkeypatch):
     shutil.copy(path, target)
     cells = json.loads((REPO / "notebooks" / "explore.ipynb").read_text())["cells"]
     code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-    loading = [i for i, src in enumerate(code) if "ckpt" in src]
+    loading = [i for i, src in enumerate(code) if "load_checkpoint(" in src]
     assert loading, "the notebook no longer loads a checkpoint: update this test"
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SGMA_LOG_DIR", str(tmp_path / "logs"))  # the notebook picks the newest run's last.ckpt there
+    monkeypatch.delenv("SGMA_CKPT", raising=False)
     namespace: dict = {}
     for src in code[: loading[0]]:
         exec(compile(src, "explore.ipynb", "exec"), namespace)

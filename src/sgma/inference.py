@@ -778,9 +778,11 @@ def predict(cfg: Any) -> dict[str, Any]:
 
     from sgma.modalities import canonical_pattern, format_pattern
     from sgma.utils import instantiate
+    from sgma.wandb_media import log_predictions, wandb_logger_node
 
     if not cfg.get("input"):
         raise ValueError(f"predict needs input=FOLDER in one of two layouts: {LAYOUTS}")
+    wandb_node = wandb_logger_node(cfg, "predict.py")  # logger=wandb: checked before anything slow
     out_dir = check_output_dir(cfg.output_dir)  # before anything slow
     overwrite = bool(cfg.get("overwrite", False))
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
@@ -855,7 +857,9 @@ def predict(cfg: Any) -> dict[str, Any]:
         },
     }
     if not batch:
-        return {"pattern": pattern, **_predict_scene(first, out_dir, planned[None], **run)}
+        result = {"pattern": pattern, **_predict_scene(first, out_dir, planned[None], **run)}
+        log_predictions(wandb_node, cfg, run_cfg=run_cfg, result=result)
+        return result
 
     results: dict[str, dict[str, Any]] = {}
     for i, stem in enumerate(stems):
@@ -877,6 +881,7 @@ def predict(cfg: Any) -> dict[str, Any]:
         result.pop("classes")
         results[stem] = result
     log.info("%d scene(s) predicted into %s", len(stems), out_dir / "<stem>")
+    log_predictions(wandb_node, cfg, run_cfg=run_cfg, result={"pattern": pattern, "scenes": results})
     return {"pattern": pattern, "scenes": results}
 
 

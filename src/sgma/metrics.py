@@ -84,11 +84,13 @@ class PatternScores:
     oa: float
     iou: dict[str, float]
     f1: dict[str, float]
+    # the pattern's confusion matrix in pixels, [true][predicted], classes in the report's class_names order
+    confusion: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class PatternReport:
-    """Everything one evaluation yields: per-pattern scores and the summaries over them."""
+    """Everything one evaluation yields: per-pattern scores and confusion matrices, and the summaries over them."""
 
     patterns: list[PatternScores]
     class_names: list[str]
@@ -113,6 +115,7 @@ class PatternReport:
     def to_dict(self) -> dict:
         return {
             "class_names": self.class_names,
+            "confusion_axes": ["true", "predicted"],  # each pattern's `confusion`: rows true, columns predicted
             "excluded_classes": self.excluded_classes,
             "patterns": [row.__dict__ for row in self.patterns],
             "summaries": self.summaries,
@@ -154,6 +157,7 @@ def build_report(
                 oa=float(s["oa"]),
                 iou={n: float(v) for n, v in zip(class_names, s["iou"], strict=True)},
                 f1={n: float(v) for n, v in zip(class_names, s["f1"], strict=True)},
+                confusion=confmat[pid].long().tolist(),
             )
         )
     report = PatternReport(patterns=rows, class_names=list(class_names), excluded_classes=list(exclude_classes))

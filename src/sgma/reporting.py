@@ -104,7 +104,8 @@ def _write_set(files: dict[Path, str]) -> None:
 
 def write_report(report: PatternReport, out_dir: str | Path, *, title: str, meta: dict | None = None) -> list[Path]:
     """Write ``patterns.csv``, ``patterns.json`` and ``patterns.md`` into ``out_dir`` as one set; return their
-    paths."""
+    paths. The json also holds each pattern's confusion matrix (``confusion``: pixel counts, rows true and
+    columns predicted class, in ``class_names`` order)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"title": title, **(meta or {}), **report.to_dict()}

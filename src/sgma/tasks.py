@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -22,11 +23,15 @@ from sgma.builders import build_datamodule, build_module, device_for
 from sgma.callbacks import RobustnessFeedback
 from sgma.checkpoint import CHECKPOINT_KEY, checkpoint_file, load_checkpoint, load_checkpoint_safely
 from sgma.data.datamodule import MultiModalDataModule
+from sgma.figures import MetricHistory, write_plots
 from sgma.inference import evaluate_full_tiles, tiled_base
+from sgma.metrics import PatternReport
 from sgma.module import SegmentationModule
+from sgma.panels import collect_panels, panel_indices, panel_patterns
 from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
 from sgma.reporting import print_table, write_report
 from sgma.utils import callbacks_and_loggers, instantiate, task_wrapper
+from sgma.wandb_media import log_evaluation, wandb_logger_node
 
 log = logging.getLogger("sgma")
 
@@ -114,6 +119,54 @@ def _report(module: SegmentationModule, split: str, out_dir: Path, *, title: str
     return report.metrics(split)
 
 
+def _write_run_plots(
+    out_dir: Path,
+    *,
+    module: SegmentationModule,
+    dm: MultiModalDataModule,
+    split: str,
+    report: PatternReport | None,
+    panel_split: str | None,
+    panel_split_patterns: list[str] | None = None,
+    device: torch.device | None = None,
+    history: dict | None = None,
+    run_title: str = "",
+) -> None:
+    """Write ``out_dir/plots`` (:func:`sgma.figures.write_plots`) after the pattern table: a failure here raises
+    with a note saying so, and the table stays. ``report`` was scored on ``split``; the panels are the fixed samples
+    of ``panel_split`` (:func:`~sgma.panels.panel_indices`) under :func:`~sgma.panels.panel_patterns` of
+    ``panel_split_patterns``, predicted on ``device`` (none when ``panel_split`` is None)."""
+    plots = out_dir / "plots"
+    try:
+        plots.mkdir(parents=True, exist_ok=True)  # before any prediction: an unwritable folder fails at once
+        panels = []
+        data = dm.dataset(panel_split) if panel_split else None
+        if data is not None and len(data) == 0:
+            log.warning("the %s split has no samples: no sample panels in %s", panel_split, plots)
+        elif data is not None:
+            home = module.device
+            module.to(device)
+            try:
+                panels = collect_panels(module, data, panel_indices(len(data)), panel_patterns(panel_split_patterns))
+            finally:
+                module.to(home)
+        files = write_plots(
+            plots,
+            split=split,
+            class_names=module.class_names,
+            palette=dm.palette,
+            report=report,
+            panels=panels,
+            panel_split=panel_split,
+            history=history,
+            run_title=run_title,
+        )
+    except Exception as err:
+        err.add_note(f"(raised while writing the plots of {out_dir}; the pattern table there is complete)")
+        raise
+    log.info("%d plots written to %s", len(files), plots)
+
+
 def _check_train_settings(cfg: DictConfig) -> None:
     """Settings under which train.py would write a table that looks valid but scores untrained weights."""
     trainer = cfg.trainer
@@ -179,6 +232,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks.append(StoreConfig(cfg_dict, dataset_facts(dm)))
     if dm.sampler == "mas":
         callbacks.append(RobustnessFeedback())
+    history = MetricHistory()  # after RobustnessFeedback: it records the MAS values that one logs
+    callbacks.append(history)
     callbacks.append(ResumeState())
     interrupt = CheckpointOnSignal(out_dir / "checkpoints")
     if cfg.trainer.get("enable_checkpointing", True):  # Lightning refuses Checkpoint callbacks otherwise
@@ -189,6 +244,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     _log_hyperparameters(loggers, cfg_dict, dm, module)
 
+    run_title = f"{cfg.dataset.name}, {cfg.backbone.name}, fusion={cfg.model.fusion}"
     metrics: dict[str, Any] = {}
     if fit:
         with interrupt.handling_signals():
@@ -208,10 +264,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                     module,
                     "test",
                     out_dir,
-                    title=f"test split, {cfg.dataset.name}, {cfg.backbone.name}, fusion={cfg.model.fusion}",
+                    title=f"test split, {run_title}",
                     meta={"split": "test", "checkpoint": best or None, "config": cfg_dict},
                 )
             )
+    if trainer.is_global_zero:
+        # charts of the test table; with test=false of the last validation's (none if validation never ran). The
+        # panels show the weights in the module: the tested (best) checkpoint's, else the last epoch's.
+        chart = "test" if cfg.get("test", True) else "val"
+        _write_run_plots(
+            out_dir,
+            module=module,
+            dm=dm,
+            split=chart,
+            report=module.reports.get(chart),
+            panel_split="val",
+            panel_split_patterns=dm.eval_patterns("val"),
+            device=trainer.strategy.root_device,
+            history=history.history,
+            run_title=run_title,
+        )
     return metrics, {"cfg": cfg, "datamodule": dm, "module": module, "trainer": trainer}
 
 
@@ -259,6 +331,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ``eval.full_tile=true`` scores whole tiles by sliding window (``eval.window``, ``eval.overlap``,
     ``eval.blend``) instead of the dataset's crops (tiled datasets only).
     """
+    wandb_logger_node(cfg, "eval.py")  # a wrong logger= fails before the evaluation, not after it
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
     with open_dict(run_cfg):
@@ -315,7 +388,21 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         title=f"{split} split, {run_cfg.dataset.name}, {run_cfg.backbone.name}, fusion={run_cfg.model.fusion}{how}",
         meta=meta,
     )
+    if full_tile:
+        log.info("full-tile evaluation: plots/ holds the pattern chart and confusion matrices, no sample panels")
+    _write_run_plots(
+        out_dir,
+        module=module,
+        dm=dm,
+        split=split,
+        report=module.reports[split],
+        panel_split=None if full_tile else split,  # whole tiles are too large for a panel
+        panel_split_patterns=patterns,
+        device=None if full_tile else trainer.strategy.root_device,
+        run_title=f"{run_cfg.dataset.name}, {run_cfg.backbone.name}, fusion={run_cfg.model.fusion}",
+    )
     nan = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
     if nan:
         log.warning("metrics without labelled pixels (NaN): %s", ", ".join(nan))
+    log_evaluation(cfg, run_cfg=run_cfg, module=module, datamodule=dm)  # eval.py logger=wandb; else nothing
     return metrics, {"cfg": run_cfg, "datamodule": dm, "module": module, "trainer": trainer}
