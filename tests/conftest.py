@@ -42,6 +42,15 @@ def bind_to(cfg: DictConfig, out_dir: Path) -> DictConfig:
     return cfg
 
 
+def batch_of(dm, pattern_ids: list[int]) -> dict:
+    """A training batch of the first len(pattern_ids) train samples, sample i under pattern pattern_ids[i]."""
+    import torch
+
+    data = dm.dataset("train")
+    samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
 @pytest.fixture(scope="session")
 def cfg_train_global() -> DictConfig:
     return compose_config("train", ["debug=tiny", "logger=csv"])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from conftest import bind_to, compose_config
+from conftest import batch_of, bind_to, compose_config
 from sgma.config import CONFIG_DIR
 from sgma.losses import CrossEntropy, CrossEntropyDice, OhemCrossEntropy, loss_on_rows
 from sgma.opcount import OpCounter
@@ -128,12 +128,6 @@ def _module(tmp_path: Path, *overrides: str):
     return cfg, dm, build_module(cfg, dm)
 
 
-def _batch(dm, pattern_ids: list[int]):
-    data = dm.dataset("train")
-    samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
 @pytest.mark.parametrize("option", LOSS_OPTIONS)
 def test_every_loss_option_composes_and_trains_a_step_with_the_mas_branch(option, tmp_path):
     assert {"ce", "ohem", "ce_dice"} <= set(LOSS_OPTIONS)
@@ -143,7 +137,7 @@ def test_every_loss_option_composes_and_trains_a_step_with_the_mas_branch(option
     assert type(module.loss) is expected and module.loss.ignore_index == module.ignore_index
     module.train()
     # mixed patterns, so the MAS branch ignores some samples' labels under mas.draw=batch
-    batch = module.on_before_batch_transfer(_batch(dm, [6, 0, 3, 1]), 0)  # the host-side packing plan
+    batch = module.on_before_batch_transfer(batch_of(dm, [6, 0, 3, 1]), 0)  # the host-side packing plan
     step = OpCounter()
     with step:  # nothing read on the host (counted on CPU, as tests/test_speed.py does)
         loss = module.training_step(batch, 0)["loss"]

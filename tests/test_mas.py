@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from conftest import REPO, bind_to, compose_config
+from conftest import REPO, batch_of, bind_to, compose_config
 from sgma.data.mas import MASSampler
 from sgma.tasks import build_datamodule, build_module, train
 
@@ -25,12 +25,6 @@ def _module(tmp_path: Path, *overrides: str):
     return cfg, dm, build_module(cfg, dm)
 
 
-def _batch(dm, pattern_ids: list[int]):
-    data = dm.dataset("train")
-    samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
 class CountHead:
     def __init__(self, module):
         self.calls = 0
@@ -40,7 +34,7 @@ class CountHead:
 def test_branch_runs_in_training_only(tmp_path):
     _, dm, module = _module(tmp_path)
     counter = CountHead(module)
-    batch = _batch(dm, [6, 3, 1, 0])
+    batch = batch_of(dm, [6, 3, 1, 0])
     module.train()
     module.training_step(batch, 0)
     assert counter.calls == 2  # fused prediction + the MAS branch
@@ -57,7 +51,7 @@ def test_loss_combines_both_branches_with_the_weights(tmp_path, draw):
     module.eval()  # MiT's stochastic depth would make the two passes differ; the arithmetic is the point
     # one modality per sample: the drawn modality is the only one, so the branch equals the fused prediction
     rgb_only = dm.patterns.index("rgb")
-    batch = _batch(dm, [rgb_only] * 4)
+    batch = batch_of(dm, [rgb_only] * 4)
     torch.manual_seed(0)
     with torch.no_grad():
         loss = module.training_step(batch, 0)["loss"]
@@ -76,7 +70,7 @@ def test_branch_reuses_the_main_pass_and_weights_out_samples_without_the_drawn_m
     for fusion in module.net.fusion:
         fusion.projectors.register_forward_hook(lambda *_: calls.append(1))
     ids = [dm.patterns.index(p) for p in ("rgb+nir", "rgb", "rgb+dsm", "rgb")]
-    batch = _batch(dm, ids)
+    batch = batch_of(dm, ids)
     with torch.no_grad():
         loss = float(module.training_step(batch, 0)["loss"])
     assert len(calls) == len(module.net.fusion)  # one projector pass per scale, shared by both branches
@@ -96,7 +90,7 @@ def test_branch_reuses_the_main_pass_and_weights_out_samples_without_the_drawn_m
 def test_branch_off_is_plain_cross_entropy(tmp_path):
     _, dm, module = _module(tmp_path, "mas.branch=false", "mas.lambda_main=1.0")
     counter = CountHead(module)
-    batch = _batch(dm, [6, 6])
+    batch = batch_of(dm, [6, 6])
     module.eval()
     with torch.no_grad():
         loss = module.training_step(batch, 0)["loss"]
@@ -111,7 +105,7 @@ def test_loss_based_fragility_for_mean_fusion(tmp_path):
     assert module.net.fusion[0].__class__.__name__ == "MeanFusion"
     before = module.mas_loss_ema.clone()
     module.train()
-    module.training_step(_batch(dm, [6, 6, 6, 6]), 0)
+    module.training_step(batch_of(dm, [6, 6, 6, 6]), 0)
     assert not torch.equal(before, module.mas_loss_ema)  # the drawn modality's loss EMA moved
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -77,19 +78,20 @@ def to_csv(report: PatternReport) -> str:
     return buf.getvalue()
 
 
-def _write_set(files: dict[Path, str]) -> None:
-    """Write every file to a temporary name in its folder (flushed to disk), then rename them all into place.
+def write_file_set(files: Mapping[Path, str | bytes]) -> None:
+    """Write every file (text or bytes) to a temporary name in its folder (flushed to disk), then rename them
+    all into place.
 
     A failure while writing (a full disk, a signal) removes the temporaries and leaves none of the final names
-    touched: the table appears as a whole set of files or not at all, never as a lone ``patterns.csv``.
+    touched: a set such as the pattern table appears whole or not at all, never as a lone ``patterns.csv``.
     """
     written: list[tuple[Path, Path]] = []
     try:
-        for path, text in files.items():
+        for path, data in files.items():
             tmp = temporary_sibling(path)
             written.append((tmp, path))
-            with os.fdopen(open_new(tmp), "w") as f:
-                f.write(text)
+            with os.fdopen(open_new(tmp), "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, path in written:
@@ -114,5 +116,5 @@ def write_report(report: PatternReport, out_dir: str | Path, *, title: str, meta
         out / "patterns.json": json.dumps(payload, indent=2, allow_nan=True) + "\n",
         out / "patterns.md": to_markdown(report, title=title),
     }
-    _write_set(files)
+    write_file_set(files)
     return list(files)

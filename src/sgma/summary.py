@@ -24,9 +24,8 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +34,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sgma.recovery import fsync_dir, open_new, temporary_sibling
-from sgma.reporting import SUMMARY_LABELS
+from sgma.reporting import SUMMARY_LABELS, write_file_set
 
 log = logging.getLogger("sgma")
 
@@ -318,28 +316,6 @@ def _png(fig: Figure) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _write_set(files: Mapping[Path, bytes]) -> None:
-    """Each file to a temporary sibling (flushed to disk), then all renamed into place: a failure leaves the
-    earlier summary, if any, untouched and no temporary behind."""
-    written: list[tuple[Path, Path]] = []
-    try:
-        for path, data in files.items():
-            tmp = temporary_sibling(path)
-            written.append((tmp, path))
-            with os.fdopen(open_new(tmp), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in written:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    for folder in {path.parent for path in files}:
-        fsync_dir(folder)
-
-
 def write_summary(folder: str | Path) -> tuple[SweepSummary, list[Path]]:
     """Summarise a multirun folder and write ``summary.{md,csv,png}`` into it; return the summary and paths."""
     summary = summarise(folder)
@@ -350,7 +326,7 @@ def write_summary(folder: str | Path) -> tuple[SweepSummary, list[Path]]:
         out / "summary.csv": to_csv(summary).encode(),
         out / "summary.png": _png(summary_figure(summary)),
     }
-    _write_set(files)
+    write_file_set(files)  # all three or none
     return summary, list(files)
 
 
