@@ -634,13 +634,6 @@ class TileCache:
                 log.info("%s is a cache of another format version, unused by this version: delete it to free disk", old)
 
     # -- preparation ----------------------------------------------------------------------------------
-    def prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool = True) -> dict:
-        """(Re)build the cache unconditionally, under the lock."""
-        self._load = load_tile
-        with self._locked():
-            self._remove_orphans()
-            return self._prepare(load_tile, progress=progress)
-
     def _prepare(self, load_tile: Callable[[str], PreparedTile], *, progress: bool) -> dict:
         """Build the cache in a temporary sibling and install it; the caller holds the lock."""
         parent = self.dir.parent
