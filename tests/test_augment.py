@@ -283,3 +283,10 @@ def test_all_patterns_of_the_coordinate_scene_are_served():
     assert data.patterns == all_patterns(scenes.modalities)
     for pid in range(len(data.patterns)):
         assert data[(0, pid, 0)]["mask"].shape == (64, 64)
+
+
+def test_training_keys_need_an_augment():
+    data = IncompleteModalityDataset(SyntheticScenes("train", num_samples=2, image_size=64))
+    assert data[(0, 0)]["mask"].shape == (64, 64)  # evaluation keys are fine
+    with pytest.raises(ValueError, match=r"built without augment.*Augment\(\) = none"):
+        data[(0, 0, 1)]

@@ -8,8 +8,8 @@ inches times :data:`DPI` pixels.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from sgma.metrics import IGNORE_INDEX
-from sgma.recovery import open_new, temporary_sibling
+from sgma.reporting import write_file_set
 
 if TYPE_CHECKING:
     from sgma.metrics import PatternReport
@@ -50,17 +50,15 @@ def save_figure(fig: Figure, path: Path) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_figure writes PNG files: give a path ending in .png, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        with os.fdopen(open_new(tmp), "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_set({path: png_bytes(fig)})
     return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` encoded as a PNG at :data:`DPI` (for files, W&B and notebooks alike)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
 # pattern table -------------------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
+from sgma.config import CONFIG_DIR
 from sgma.data.sharding import distributed_rank_and_size
 
 log = logging.getLogger("sgma")
@@ -471,10 +473,6 @@ ADDED_LATER: dict[str, str | Any] = {
 
 def _with_added_later(saved: Mapping, current: Mapping) -> dict:
     """``saved`` with each absent :data:`ADDED_LATER` key that ``current`` has set to its old behaviour."""
-    from omegaconf import OmegaConf
-
-    from sgma.config import CONFIG_DIR
-
     out = OmegaConf.create(dict(saved))
     for dotted, old in ADDED_LATER.items():
         if _select(saved, dotted) is _ABSENT and _select(current, dotted) is not _ABSENT:

@@ -34,6 +34,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sgma.figures import DPI, png_bytes
 from sgma.reporting import SUMMARY_LABELS, write_file_set
 
 log = logging.getLogger("sgma")
@@ -41,7 +42,6 @@ log = logging.getLogger("sgma")
 SEED_KEYS = ("seed",)  # overrides that repeat a setting rather than define one
 TABLE_SUMMARIES = ("avg", "top1", "last1")  # the summary columns of summary.md and summary.png
 FILES = ("summary.md", "summary.csv", "summary.png")
-DPI = 100
 
 
 @dataclass(frozen=True)
@@ -309,12 +309,6 @@ def summary_figure(summary: SweepSummary) -> Figure:
     return fig
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------- writing
 def write_summary(folder: str | Path) -> tuple[SweepSummary, list[Path]]:
     """Summarise a multirun folder and write ``summary.{md,csv,png}`` into it; return the summary and paths."""
@@ -324,7 +318,7 @@ def write_summary(folder: str | Path) -> tuple[SweepSummary, list[Path]]:
     files = {
         out / "summary.md": to_markdown(summary).encode(),
         out / "summary.csv": to_csv(summary).encode(),
-        out / "summary.png": _png(summary_figure(summary)),
+        out / "summary.png": png_bytes(summary_figure(summary)),
     }
     write_file_set(files)  # all three or none
     return summary, list(files)

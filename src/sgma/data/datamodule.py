@@ -91,7 +91,12 @@ class IncompleteModalityDataset(Dataset):
 
     def _training_sample(self, index: int, epoch: int, present: list[Modality]) -> dict[str, torch.Tensor]:
         """The raw, augmented modalities ``present`` and mask of training sample ``index`` in ``epoch``."""
-        augment = self.augment or Augment()
+        augment = self.augment
+        if augment is None:
+            raise ValueError(
+                f"training key (index {index}, epoch {epoch}) for a dataset built without augment: wrap the train "
+                f"split as IncompleteModalityDataset(base, augment=Augment(...)) (Augment() = none)"
+            )
         crop = int(self.base.crop_size)
         draw = augment.draw(np.random.default_rng((self.seed, epoch, index, self.AUGMENT_STREAM)), crop)
         raw = self.base.sample(index, epoch, draw.window, [m.name for m in present])
