@@ -29,6 +29,10 @@ Per phase and preset:
   training_step + backward + optimizer step.
 - ``ops``: aten ops dispatched in one step (``TorchDispatchMode`` counter; train: training_step + backward,
   the optimizer step is reported apart as ``opt ops``). Works on any device.
+- ``warm-up s``: wall time of the warm-up steps; with ``--compile`` it starts with one step per packed batch
+  shape the timed steps use (:meth:`~sgma.models.segmentor.MultiModalSegmentor.plan_encoding`), so it holds
+  the compile time and no timed step compiles. Under ``--compile`` ``ops`` are not counted (a dispatch mode
+  makes dynamo fall back to eager), only CUDA syncs.
 - ``x``: the ratio to the baseline preset of the same backbone and size, in the same run.
 - ``other load`` (CPU runs): cores used by other processes during the timed steps (``/proc/stat``); on a
   shared machine, rows with a high value have unreliable times. Ops and syncs do not depend on it.
@@ -242,6 +246,7 @@ class Phase:
     opt_ops: int = 0  # optimizer step
     step_ops: int = 0  # forward alone (training_step for train)
     step_syncs: int = 0
+    warmup_s: float = float("nan")  # the warm-up steps (with --compile: compiling every packed shape first)
 
 
 def autocast(device: torch.device, precision: str):
@@ -296,10 +301,18 @@ class InferStep(Step):
 def measure(step: Step, batches: list[dict], device: torch.device, args: argparse.Namespace) -> Phase:
     phase = Phase()
     cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    if args.compile:  # compile every packed shape the timed steps will meet before timing anything
+        shapes = {}
+        for batch in batches:
+            shapes.setdefault(tuple(batch["encode_index"].shape), batch)
+        for batch in shapes.values():
+            step(batch)
     for batch in batches[: args.warmup]:
         step(batch)
     if cuda:
         torch.cuda.synchronize()
+    phase.warmup_s = time.perf_counter() - t0
     timed = batches[args.warmup : args.warmup + args.iters]
     if not args.counts_only:
         walls, hosts = [], []
@@ -332,8 +345,9 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     counters, cuda_syncs = [], []
     state = timed[0]
     for part in (step.forward, step.backward, lambda _: step.update()):
+        # a dispatch mode makes dynamo skip the compiled frames: under --compile only CUDA syncs are counted
         counter = OpCounter()
-        with cuda_sync_warnings(device) as sync_warnings, counter:
+        with cuda_sync_warnings(device) as sync_warnings, contextlib.nullcontext() if args.compile else counter:
             state = part(state)
         if cuda:
             torch.cuda.synchronize()
@@ -341,6 +355,8 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
         cuda_syncs.append(len(sync_warnings))
     fwd, bwd, upd = counters
     phase.ops, phase.opt_ops, phase.step_ops = fwd.total + bwd.total, upd.total, fwd.total
+    if args.compile:
+        phase.ops = phase.opt_ops = phase.step_ops = None
     counted = [sum(c.syncs.values()) for c in counters]
     phase.syncs = sum(cuda_syncs) if cuda else sum(counted)
     phase.step_syncs = cuda_syncs[0] if cuda else counted[0]
@@ -416,7 +432,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         head = "| backbone | crop x batch | preset | ms | x | host ms | device ms | peak MB | x | syncs | ops | x |"
         if phase == "train":
             head += " opt ops |"
-        head += " other load |"
+        head += " warm-up s | other load |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for r in rows:
             p, x = r[phase], r[f"{phase}_x"]
@@ -431,12 +447,12 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                 fmt(p.peak_mb, 0),
                 fmt(x["peak_mb"], 2),
                 f"{p.step_syncs}/{p.syncs}" if phase == "train" else str(p.syncs),
-                str(p.ops),
+                fmt(p.ops),
                 fmt(x["ops"], 2),
             ]
             if phase == "train":
-                cells.append(str(p.opt_ops))
-            cells.append(fmt(p.other_load, 2))
+                cells.append(fmt(p.opt_ops))
+            cells += [fmt(p.warmup_s), fmt(p.other_load, 2)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -522,6 +538,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for preset in presets:
                 print(f"# {backbone} {size}x{batch} {preset} ...", file=sys.stderr, flush=True)
                 results.append(run_case(preset, backbone, size, batch, args))
+                print(f"# done: {_one_line(results[-1])}", file=sys.stderr, flush=True)
+                if args.out:  # kept current: a run cut short keeps what it measured
+                    args.out.write_text(json.dumps({"results": [_plain(r) for r in results]}, indent=1))
     add_ratios(results)
     env = environment(args) | {"seconds": round(time.perf_counter() - started, 1)}
     print(
@@ -534,6 +553,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         payload = {"environment": env, "results": [_plain(r) for r in results]}
         args.out.write_text(json.dumps(payload, indent=1))
     return results
+
+
+def _one_line(result: dict) -> str:
+    parts = [f"{result['backbone']} {result['size']}x{result['batch']} {result['preset']}"]
+    for phase in ("train", "infer"):
+        if phase in result:
+            p = result[phase]
+            parts.append(f"{phase} {fmt(p.ms)} ms (host {fmt(p.host_ms)}, warm-up {fmt(p.warmup_s)} s)")
+    return ", ".join(parts)
 
 
 def _plain(result: dict) -> dict:

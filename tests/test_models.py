@@ -82,7 +82,25 @@ def test_packing_index_given_or_computed_gives_the_same_model_output():
     net.eval()
     x = inputs(7)
     index = packing_index(MASKS)
-    assert index.tolist() == [b * 3 + m for b in range(7) for m in range(3) if MASKS[b, m]]
+    slots = [b * 3 + m for b in range(7) for m in range(3) if MASKS[b, m]]
+    assert index.tolist() == [slots, slots]  # encode these rows, put them back in the same places
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, MASKS, encode_index=index).logits, net(x, MASKS).logits)
+
+
+def test_packing_index_padded_to_a_multiple():
+    """Padding (for compiled models: few packed shapes) re-encodes available slots only and sends them to the
+    scratch row B * M; the model output does not change."""
+    torch.manual_seed(0)
+    index = packing_index(MASKS, multiple=7)
+    slots = [b * 3 + m for b in range(7) for m in range(3) if MASKS[b, m]]
+    n = len(slots)
+    assert index.shape[1] % 7 == 0 and index.shape[1] >= n > index.shape[1] - 7
+    assert index[0, :n].tolist() == slots and set(index[0, n:].tolist()) <= set(slots)
+    assert index[1, :n].tolist() == slots and set(index[1, n:].tolist()) == {7 * 3}
+    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", fusion="sgf", decoder_channels=32)
+    net.eval()
+    x = inputs(7)
     with torch.no_grad():
         torch.testing.assert_close(net(x, MASKS, encode_index=index).logits, net(x, MASKS).logits)
 

@@ -18,7 +18,9 @@ import torch
 from omegaconf import open_dict
 
 from conftest import bind_to, compose_config
+from sgma.modalities import Modality
 from sgma.models import FUSIONS
+from sgma.models.segmentor import MultiModalSegmentor
 from sgma.opcount import OpCounter
 from sgma.tasks import build_datamodule, build_module, train
 
@@ -104,6 +106,37 @@ def test_model_forward_is_one_graph(tmp_path, preset, fusion):
     out = compiled(x, batch["available"], encode_index=batch["encode_index"], return_robustness=True)
     torch.testing.assert_close(out.logits, expected.logits)
     assert (out.robustness is None) == (fusion != "sgf")
+
+
+def test_compiled_segmentor_compiles_once_per_packed_size():
+    """model.compile pads the packed encoder batch to a multiple of the batch size: every count of available
+    (sample, modality) slots maps to one of at most M static shapes, each compiled once (a dynamic packed
+    dimension made inductor fail), and the compiled model computes what the eager one does."""
+    mods = [
+        Modality("rgb", 3, (0.0,) * 3, (1.0,) * 3),
+        Modality("nir", 1, (0.0,), (1.0,)),
+        Modality("dsm", 1, (0.0,), (1.0,)),
+    ]
+    options = {"modalities": mods, "num_classes": 6, "backbone": "mit_b0", "fusion": "sgf", "decoder_channels": 32}
+    torch.manual_seed(0)
+    eager = MultiModalSegmentor(**options).eval()
+    compiled = MultiModalSegmentor(**options, compile=True, compile_options={"backend": "eager", "fullgraph": True})
+    compiled.load_state_dict(eager.state_dict())
+    compiled.eval()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    masks = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    sizes = set()
+    for rows in ([0, 1, 0, 1], [0, 2, 1, 1], [2, 2, 4, 3], [3, 3, 3, 3], [5, 0, 3, 4], [2, 4, 5, 3]):
+        available = masks[rows]
+        x = {m.name: torch.randn(4, m.channels, 64, 64) for m in mods}
+        plan = compiled.plan_encoding(available)
+        sizes.add(plan.shape[1])
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, available).logits, eager(x, available).logits)
+    assert sizes == {4, 8, 12}  # 4..12 available slots in a batch of 4 with 3 modalities
+    assert counters["stats"]["unique_graphs"] == 3 + 1  # features once per packed size, fuse_decode once
 
 
 def test_train_with_model_compile(tmp_path):

@@ -14,7 +14,6 @@ from torchmetrics import MaxMetric
 
 from sgma.losses import loss_on_rows
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
-from sgma.models.encoder import packing_index
 from sgma.models.segmentor import MultiModalSegmentor
 
 # Lightning warns whenever the LightningModule (not the DataModule) defines on_before_batch_transfer; ours is
@@ -137,7 +136,7 @@ class SegmentationModule(L.LightningModule):
         """Plan the encoder's packing on the host, where the batch's availability is before it moves to the
         device: with the plan in the batch, no step waits for the GPU to find the available slots."""
         if isinstance(batch, dict) and isinstance(batch.get("available"), Tensor) and "encode_index" not in batch:
-            batch["encode_index"] = packing_index(batch["available"])
+            batch["encode_index"] = self.net.plan_encoding(batch["available"])
         return batch
 
     # training ----------------------------------------------------------------------------------------------

@@ -113,15 +113,25 @@ class InputAdapter(nn.Module):
         return x.expand(-1, ENCODER_IN_CHANNELS, -1, -1) if self.channels == 1 else x
 
 
-def packing_index(available: Tensor) -> Tensor:
-    """Flat positions ``b * M + m`` of the available (sample, modality) slots, ascending: the encoder's plan.
+def packing_index(available: Tensor, multiple: int = 1) -> Tensor:
+    """The encoder's plan: a (2, N) index whose row 0 lists the flat positions ``b * M + m`` of the available
+    (sample, modality) slots, ascending, to encode, and row 1 where each encoded row goes.
 
     Its length is data-dependent, so computing it on a GPU waits for the device (``nonzero``). The training
     module computes it on the host, where the batch's availability lives before it is moved to the device,
     and hands it to :meth:`MultiModalEncoder.forward` as ``index``.
+
+    ``multiple`` > 1 pads N up to a multiple of it (the batch size, for ``torch.compile``: at most M packed
+    shapes, each compiled once, instead of a new graph for every count of available slots). The padding
+    re-encodes available slots (never a missing one, whose input may hold anything) and sends them to the
+    scratch row ``B * M``, which the encoder drops.
     """
     check_every_sample_has_one(available)
-    return available.reshape(-1).nonzero().squeeze(1)
+    slots = available.reshape(-1).nonzero().squeeze(1)
+    pad = -len(slots) % int(multiple)
+    source = torch.cat([slots, slots.repeat(pad // len(slots) + 1)[:pad]])
+    target = torch.cat([slots, slots.new_full((pad,), available.numel())])
+    return torch.stack([source, target])
 
 
 def check_every_sample_has_one(available: Tensor) -> None:
@@ -139,8 +149,8 @@ class MultiModalEncoder(nn.Module):
     them and keeps BatchNorm statistics free of empty inputs. With ``shared=True`` all available pairs go
     through the single encoder in one batched pass: the inputs are stacked to (B*M, 3, H, W), the available
     rows gathered by ``index`` (see :func:`packing_index`), encoded, and scattered back into zeros. Given the
-    index, this has no data-dependent shapes: no device sync, and one ``torch.compile`` graph (the packed
-    batch size is a dynamic dimension). Per-modality encoders (``shared=False``, an ablation) find each
+    index, this reads no tensor values on the host: no device sync, no graph break under ``torch.compile``.
+    Per-modality encoders (``shared=False``, an ablation) find each
     modality's rows on the device, which waits for it.
     """
 
@@ -182,12 +192,13 @@ class MultiModalEncoder(nn.Module):
         if index is None:
             index = packing_index(available)
         m = len(names)
+        source, target = index
         stacked = torch.stack([self.adapters[n](inputs[n]) for n in names], dim=1)  # (B, M, 3, H, W)
-        packed = stacked.flatten(0, 1).index_select(0, index)  # (N available, 3, H, W)
+        packed = stacked.flatten(0, 1).index_select(0, source)  # (N, 3, H, W)
         out = []
-        for f in self._encode(self.encoder, packed):
-            full = f.new_zeros(b * m, *f.shape[1:]).index_copy(0, index, f)
-            out.append(full.view(b, m, *f.shape[1:]))
+        for f in self._encode(self.encoder, packed):  # padding rows land in the scratch row b * m, dropped
+            full = f.new_zeros(b * m + 1, *f.shape[1:]).index_copy(0, target, f)
+            out.append(full[: b * m].view(b, m, *f.shape[1:]))
         return out
 
     def _forward_per_modality(self, inputs: Mapping[str, Tensor], available: Tensor) -> list[Tensor]:

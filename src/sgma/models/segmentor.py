@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sgma.modalities import Modality
 from sgma.models import build_fusion
-from sgma.models.encoder import MultiModalEncoder
+from sgma.models.encoder import MultiModalEncoder, packing_index
 from sgma.models.fusion import check_inputs
 from sgma.models.head import SegFormerHead
 
@@ -83,7 +83,11 @@ class MultiModalSegmentor(nn.Module):
             self.head.to(memory_format=torch.channels_last)
         self.compiled = bool(compile)
         if self.compiled:  # instance attributes shadow the methods; the parameters stay the module's own
-            options = dict(compile_options or {})
+            # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
+            # a dynamic packed dimension recompiles into a graph that inductor (torch 2.11-2.13) fails on.
+            options = {"dynamic": False, **dict(compile_options or {})}
+            # train/eval x M packed sizes x a few batch sizes per stage: more than dynamo's default of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.features = torch.compile(self.features, **options)
             self.fuse_decode = torch.compile(self.fuse_decode, **options)
 
@@ -96,8 +100,16 @@ class MultiModalSegmentor(nn.Module):
         encode_index: Tensor | None = None,
     ) -> SegmentorOutput:
         out_size = tuple(inputs[self.encoder.names[0]].shape[-2:])
+        if encode_index is None and self.encoder.shared:
+            encode_index = self.plan_encoding(available)
         prepared = self.features(inputs, available, encode_index)
         return self.fuse_decode(prepared, available, out_size, return_robustness=return_robustness)
+
+    def plan_encoding(self, available: Tensor) -> Tensor:
+        """The shared encoder's packing plan for ``available`` (:func:`~sgma.models.encoder.packing_index`),
+        padded to a multiple of the batch size when compiled. Reads ``available`` on the host: call it where
+        the availability is on the CPU (the training module does so before the batch moves to the device)."""
+        return packing_index(available, multiple=available.shape[0] if self.compiled else 1)
 
     def features(
         self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
