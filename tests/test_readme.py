@@ -65,6 +65,7 @@ ADAPT = {
 NOT_RUN = {
     "trainer=gpu": "needs a CUDA GPU",
     "trainer=ddp": "needs several CUDA GPUs (tests/test_mas.py runs trainer=ddp_cpu)",
+    "hydra/launcher=submitit_slurm": "needs a SLURM cluster (tests/test_cluster.py resolves and checks its config)",
     **{f"experiment=paper_{name}": "DDP on 4 CUDA GPUs" for name in ("potsdam", "dfc2023", "deliver")},
 }
 # Commands too slow for the default suite (big encoders from random init: 10-30 s each on 2 CPU cores, against

@@ -10,7 +10,8 @@ at once, so a 6000 x 6000 tile with K = 6 needs ~860 MB of accumulators plus one
 Inputs follow :class:`~sgma.data.datamodule.IncompleteModalityDataset`: ``(x - mean) / std`` per channel
 and zeros for a missing modality (:func:`normalise_inputs`).
 
-Also here: :func:`evaluate_full_tiles` (``eval.py eval.full_tile=true``) and the raster I/O of ``predict.py``.
+Also here: :func:`evaluate_full_tiles` (``eval.py eval.full_tile=true``; under torch.distributed the tiles are shared
+out across the ranks) and the raster I/O of ``predict.py``.
 
 ``predict.py`` reads one scene (``<input>/<modality>.tif``) or a folder of scenes (``<input>/<modality>/<stem>.tif``,
 e.g. DFC2023's released val/test), applies the training dataset's raw-value transforms stored in the checkpoint
@@ -32,8 +33,9 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from torch import Tensor
 from sgma.builders import build_datamodule, build_module, device_for
 from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint
 from sgma.data.preprocess import TRANSFORMS, apply_input_transform
+from sgma.data.sharding import distributed_rank_and_size
 from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
@@ -145,6 +148,7 @@ def sliding_window_logits(
     num_classes: int,
     return_robustness: bool = False,
     modalities: Sequence[Modality] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """Blended (K, H, W) float32 logits of a whole tile (on the inputs' device, CPU for numpy-born inputs).
 
@@ -152,6 +156,7 @@ def sliding_window_logits(
     are fed). ``available`` is the (M,) availability mask in the net's modality order. With
     ``return_robustness`` also returns the (M, H, W) robustness map (per-scale maps upsampled bilinearly to
     the window, averaged over scales, blended like the logits), or None when the fusion has no maps.
+    ``progress(n)`` is called after each batch with the number of windows it held.
     """
     window = _check_options(window, overlap, blend, batch_size)
     mods = list(modalities if modalities is not None else net.modalities)
@@ -212,6 +217,8 @@ def sliding_window_logits(
             if robust is not None:
                 robust_acc[:, y : y + hh, x : x + ww] += robust[i, :, :hh, :ww].to(acc_device) * wt
         del batch, out, logits, robust
+        if progress is not None:
+            progress(len(chunk))
     logits_acc /= weight_acc
     if not return_robustness:
         return logits_acc
@@ -230,6 +237,105 @@ def tiled_base(dataset: Any) -> Any:
     return base
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class TileProgress:
+    """Progress of one rank's share of a whole-tile evaluation, as log lines of the ``sgma`` logger (cluster jobs
+    write to files, where a progress bar is noise): one line per finished tile, and within a tile one line at most
+    every ``every_s`` seconds with the windows done; each with the time so far and an ETA for this rank. Prefixed
+    with ``[rank r/W]`` under DDP."""
+
+    def __init__(
+        self,
+        windows: Mapping[str, int],
+        num_patterns: int,
+        *,
+        split: str,
+        every_s: float,
+        rank: int = 0,
+        world_size: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.windows = dict(windows)  # this rank's tiles -> windows per pattern
+        self.num_patterns = num_patterns
+        self.total = sum(self.windows.values()) * num_patterns
+        self.split = split
+        self.every_s = float(every_s)
+        self.prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+        self.clock = clock
+        self.start = self.last = clock()
+        self.done = 0  # windows scored by this rank, every pattern counted
+        self.tile: str | None = None
+        self.tiles_done = 0
+        self.in_tile = 0
+
+    def _timing(self) -> str:
+        elapsed = self.clock() - self.start
+        eta = _duration(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        share = 100 * self.done / self.total if self.total else 100.0
+        return f"{share:.0f} % of this rank's windows, {_duration(elapsed)} elapsed, ETA {eta}"
+
+    def begin(self, tile: str) -> None:
+        self.tile, self.in_tile = tile, 0
+
+    def advance(self, n: int) -> None:
+        """``n`` more windows of the current tile scored (a :func:`sliding_window_logits` progress callback)."""
+        self.done += n
+        self.in_tile += n
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            self.last = now
+            per_tile = self.windows[self.tile] * self.num_patterns
+            log.info(
+                "%sfull-tile %s: tile %s (%d/%d): %d/%d windows (%d patterns); %s",
+                self.prefix,
+                self.split,
+                self.tile,
+                self.tiles_done + 1,
+                len(self.windows),
+                self.in_tile,
+                per_tile,
+                self.num_patterns,
+                self._timing(),
+            )
+
+    def end(self) -> None:
+        self.tiles_done += 1
+        self.last = self.clock()
+        log.info(
+            "%sfull-tile %s: tile %s done (%d/%d tiles of this rank); %s",
+            self.prefix,
+            self.split,
+            self.tile,
+            self.tiles_done,
+            len(self.windows),
+            self._timing(),
+        )
+
+
+def sum_over_ranks(*tensors: Tensor) -> list[Tensor]:
+    """Integer tensors summed over the ranks of the process group with ONE all_reduce, on the device its backend
+    communicates from (gloo: CPU; nccl: this rank's GPU); returned on their own devices. Outside torch.distributed,
+    the tensors as they are."""
+    _, world = distributed_rank_and_size()
+    if world == 1:
+        return list(tensors)
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    out, begin = [], 0
+    for t in tensors:
+        out.append(flat[begin : begin + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
+        begin += t.numel()
+    return out
+
+
 def evaluate_full_tiles(
     net: torch.nn.Module,
     base: Any,
@@ -246,36 +352,78 @@ def evaluate_full_tiles(
     batch_size: int,
     ignore_index: int = 255,
     label_key: str = "mask",
+    progress_every_s: float = 60.0,
 ) -> PatternReport:
-    """Score every pattern on every whole tile of ``base``'s split (each tile read and normalised once)."""
+    """Score every pattern on every whole tile of ``base``'s split (each tile read and normalised once).
+
+    Under torch.distributed (``eval.py`` with ``trainer.devices`` > 1, or under ``srun``) rank r scores tiles r,
+    r + W, r + 2W, ... of the W ranks (round-robin by tile index), and the per-pattern confusion matrices and
+    sample counts are summed with one all_reduce at the end: every rank returns the report of all tiles, equal to
+    the one-process report (integer counts). Ranks may hold different numbers of tiles, or none; that all_reduce is
+    the only collective, and every rank reaches it, also when its own tiles failed (it then raises after it, with
+    its error, and the others say which ranks failed), so an error never leaves the others waiting.
+    """
+    window = _check_options(window, overlap, blend, batch_size)
     modalities = list(net.modalities)
+    rank, world = distributed_rank_and_size()
     confusion = PatternConfusion(
         num_patterns=len(all_patterns), num_classes=len(class_names), ignore_index=ignore_index
     )
     tiles = list(base.tiles)
-    for t, tile in enumerate(tiles):
-        raw = {m.name: base.cache.array(tile, m.name) for m in modalities}
-        inputs = normalise_inputs(raw, modalities)
-        target = torch.from_numpy(np.asarray(base.cache.array(tile, label_key)).astype(np.int64))[None]
-        for pattern in patterns:
-            available = pattern_mask(pattern, modalities)
-            logits = sliding_window_logits(
-                net,
-                inputs,
-                available,
-                window=window,
-                overlap=overlap,
-                blend=blend,
-                batch_size=batch_size,
-                num_classes=len(class_names),
-                modalities=modalities,
+    mine = tiles[rank::world]
+    failure: Exception | None = None
+    try:
+        sizes = {tile: base.cache.array(tile, modalities[0].name).shape[-2:] for tile in mine}
+        windows = {
+            t: len(window_starts(h, window, overlap)) * len(window_starts(w, window, overlap))
+            for t, (h, w) in sizes.items()
+        }
+        progress = TileProgress(
+            windows, len(patterns), split=split, every_s=progress_every_s, rank=rank, world_size=world
+        )
+        if not mine:
+            log.info(
+                "%sfull-tile %s: no tile for this rank (%d tiles, %d ranks)", progress.prefix, split, len(tiles), world
             )
-            pid = torch.tensor([list(all_patterns).index(pattern)])
-            confusion.update(logits.argmax(dim=0)[None], target, pid)
-            del logits
-        log.info("full-tile %s: tile %s done (%d/%d)", split, tile, t + 1, len(tiles))
-        del inputs, target
-    confmat, samples = confusion.compute()
+        for tile in mine:
+            progress.begin(tile)
+            raw = {m.name: base.cache.array(tile, m.name) for m in modalities}
+            inputs = normalise_inputs(raw, modalities)
+            target = torch.from_numpy(np.asarray(base.cache.array(tile, label_key)).astype(np.int64))[None]
+            for pattern in patterns:
+                available = pattern_mask(pattern, modalities)
+                logits = sliding_window_logits(
+                    net,
+                    inputs,
+                    available,
+                    window=window,
+                    overlap=overlap,
+                    blend=blend,
+                    batch_size=batch_size,
+                    num_classes=len(class_names),
+                    modalities=modalities,
+                    progress=progress.advance,
+                )
+                pid = torch.tensor([list(all_patterns).index(pattern)])
+                confusion.update(logits.argmax(dim=0)[None], target, pid)
+                del logits
+            progress.end()
+            del inputs, target
+    except Exception as err:  # re-raised below, once every rank has reached the reduction
+        if world == 1:
+            raise
+        failure = err
+    # the local sums, not confusion.compute(): torchmetrics would sync them itself, with one gather per state
+    failed = torch.tensor([int(failure is not None)])
+    confmat, samples, failed = sum_over_ranks(confusion.confmat, confusion.samples, failed)
+    if failure is not None:
+        failure.add_note(f"(raised on rank {rank} of {world} during the whole-tile evaluation)")
+        raise failure
+    if int(failed):
+        raise RuntimeError(
+            f"{int(failed)} of {world} ranks failed during the whole-tile evaluation of the {split} split: their logs "
+            "hold the error"
+        )
     return build_report(
         confmat,
         samples,

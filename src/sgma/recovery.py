@@ -3,10 +3,12 @@
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file next to its final path, fsyncs it
   and renames it into place: a full disk or a kill never leaves a half-written file under a checkpoint's name,
   and the previous ``last.ckpt`` stays loadable.
-- :class:`CheckpointOnSignal` turns SIGINT (Ctrl-C) and SIGTERM (``kill``, SLURM preemption or time limit) into
-  a checkpoint: at the next point where the training state is consistent it writes ``last.ckpt`` and stops;
-  :func:`sgma.tasks.train` then raises :class:`TrainingInterrupted` (``train.py`` exits with 128 + the signal
-  number) without testing. A second signal aborts at once, without saving.
+- :class:`CheckpointOnSignal` turns SIGINT (Ctrl-C), SIGTERM (``kill``, SLURM preemption or time limit) and
+  SIGUSR1 / SIGUSR2 (SLURM's warning before the time limit, :data:`TIME_LIMIT_SIGNALS`) into a checkpoint: at the
+  next point where the training state is consistent it writes ``last.ckpt`` and stops; :func:`sgma.tasks.train`
+  then raises :class:`TrainingInterrupted` (``train.py`` exits with 128 + the signal number, after
+  :func:`sgma.cluster.requeue` gave a time-limited SLURM job back to the queue) without testing. A second SIGINT or
+  SIGTERM aborts at once, without saving.
 - :class:`ResumeState` stores every RNG the run draws from (python, numpy, torch CPU and CUDA, per DDP rank) and
   the W&B run id; the RNGs are restored at the first resumed training batch, so a resumed run draws exactly
   what the uninterrupted run would have drawn. The train sampler's position travels with the datamodule's state
@@ -47,6 +49,10 @@ from sgma.data.sharding import distributed_rank_and_size
 log = logging.getLogger("sgma")
 
 LAST = "last.ckpt"
+# SLURM's warning that the time limit is near (sbatch --signal=USR1@<s>; submitit sends USR2): save and stop, as for
+# SIGTERM, but never abort on a second signal, since clusters may send it together with SIGTERM on preemption
+TIME_LIMIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, *TIME_LIMIT_SIGNALS)
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -122,7 +128,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # ---------------------------------------------------------------------------------------------- signals
 class TrainingInterrupted(RuntimeError):
-    """Training stopped on SIGINT / SIGTERM after saving ``checkpoint`` (None: nothing to save yet)."""
+    """Training stopped on a signal (SIGINT, SIGTERM, SIGUSR1, SIGUSR2) after saving ``checkpoint`` (None: nothing
+    to save yet)."""
 
     def __init__(self, message: str, *, signum: int | None, checkpoint: Path | None) -> None:
         super().__init__(message)
@@ -140,7 +147,7 @@ def _signal_name(signum: int | None) -> str:
 
 
 class CheckpointOnSignal(Checkpoint):
-    """On SIGINT or SIGTERM, save ``last.ckpt`` at the next consistent point of training and stop.
+    """On SIGINT, SIGTERM, SIGUSR1 or SIGUSR2, save ``last.ckpt`` at the next consistent point of training and stop.
 
     Consistent points, where a checkpoint resumes to exactly the same continuation:
 
@@ -181,7 +188,7 @@ class CheckpointOnSignal(Checkpoint):
             log.warning("training outside the main thread: SIGINT/SIGTERM will not save a checkpoint")
             yield
             return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._handle) for s in HANDLED_SIGNALS}
         self._installed = True
         try:
             yield
@@ -193,15 +200,21 @@ class CheckpointOnSignal(Checkpoint):
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides
             return
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            log.error("second %s: aborting without saving a checkpoint", signal.Signals(signum).name)
+            if signum in TIME_LIMIT_SIGNALS or self.signum in TIME_LIMIT_SIGNALS:
+                log.warning("%s received while already stopping: still saving %s", name, LAST)
+                return
+            log.error("second %s: aborting without saving a checkpoint", name)
             raise KeyboardInterrupt
         self.signum = signum
         log.warning(
-            "%s received: saving %s and stopping at the next consistent point (after the current step; validation "
-            "and the end of the epoch finish first when they follow it). Send it again to abort without saving.",
-            signal.Signals(signum).name,
+            "%s received%s: saving %s and stopping at the next consistent point (after the current step; validation "
+            "and the end of the epoch finish first when they follow it).%s",
+            name,
+            " (the time limit is near)" if signum in TIME_LIMIT_SIGNALS else "",
             LAST,
+            "" if signum in TIME_LIMIT_SIGNALS else " Send it again to abort without saving.",
         )
 
     # decisions -----------------------------------------------------------------------------------------

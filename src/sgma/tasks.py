@@ -19,9 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sgma
-from sgma.builders import build_datamodule, build_module, device_for
+from sgma.builders import build_datamodule, build_module
 from sgma.callbacks import RobustnessFeedback
 from sgma.checkpoint import CHECKPOINT_KEY, checkpoint_file, load_checkpoint, load_checkpoint_safely
+from sgma.cluster import RESUME_LAST, check_shared_run_dir, lightning_plugins, resume_checkpoint
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.figures import MetricHistory, write_plots
 from sgma.inference import evaluate_full_tiles, tiled_base
@@ -176,9 +177,11 @@ def _check_train_settings(cfg: DictConfig) -> None:
             f"{key}=0 with train=true trains nothing, and the test table would score untrained weights: set "
             f"{key} >= 1, or train=false ckpt_path=PATH to only test a checkpoint"
         )
-    if not cfg.get("train", True) and cfg.get("test", True) and not cfg.get("ckpt_path"):
+    ckpt_path = cfg.get("ckpt_path")
+    if not cfg.get("train", True) and cfg.get("test", True) and ckpt_path in (None, RESUME_LAST):
+        last = f" (ckpt_path={RESUME_LAST} only resumes training)" if ckpt_path == RESUME_LAST else ""
         raise ValueError(
-            "train=false tests a checkpoint: give it with ckpt_path=PATH (or use eval.py ckpt_path=PATH); "
+            f"train=false tests a checkpoint: give it with ckpt_path=PATH (or use eval.py ckpt_path=PATH){last}; "
             "without one the test table would score untrained weights"
         )
 
@@ -199,6 +202,21 @@ def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict) -> dict:
     return info
 
 
+def objective(metrics: dict[str, Any], name: str) -> float:
+    """The value a Hydra sweeper optimises (``optimized_metric``, e.g. ``val/avg/miou_best``), as a float."""
+    if name not in metrics:
+        logged = ", ".join(sorted(k for k in metrics if k.startswith("val/") and k.count("/") == 2)) or "none"
+        raise KeyError(
+            f"optimized_metric={name} was not logged by this run (its validation metrics: {logged}); validation must "
+            "run (trainer.limit_val_batches > 0, trainer.check_val_every_n_epoch <= trainer.max_epochs), or choose "
+            "a logged metric, e.g. optimized_metric=val/avg/miou_best"
+        )
+    value = float(metrics[name])
+    if not math.isfinite(value):
+        raise ValueError(f"optimized_metric={name} is {value} (no labelled validation pixels?): nothing to optimise")
+    return value
+
+
 def _best_checkpoint(trainer: L.Trainer) -> str:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
@@ -211,14 +229,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit on the train split (validating every pattern), then test the best checkpoint on every pattern.
 
     ``ckpt_path=PATH`` resumes a run exactly (same weights, MAS memory and metrics as if it had not stopped;
-    :mod:`sgma.recovery`); a config that trains something else is refused unless ``resume_force=true``. SIGINT
-    or SIGTERM saves ``checkpoints/last.ckpt`` and raises :class:`~sgma.recovery.TrainingInterrupted`.
+    :mod:`sgma.recovery`); a config that trains something else is refused unless ``resume_force=true``.
+    ``ckpt_path=last``, and a job that SLURM or submitit restarted, resume from this run folder's ``last.ckpt``
+    (:func:`sgma.cluster.resume_checkpoint`). SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 saves ``checkpoints/last.ckpt``
+    and raises :class:`~sgma.recovery.TrainingInterrupted`.
     """
     _check_train_settings(cfg)
+    check_shared_run_dir()
     L.seed_everything(cfg.seed, workers=True)
     fit = bool(cfg.get("train", True))
-    resume = _check_checkpoint_path(cfg.get("ckpt_path"), what="ckpt_path")
     out_dir = Path(cfg.paths.output_dir)
+    resume = _check_checkpoint_path(resume_checkpoint(cfg.get("ckpt_path"), out_dir), what="ckpt_path")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = resolved_dict(cfg)
     resumed = _resume_info(cfg, resume, cfg_dict) if resume and fit else {}
@@ -238,9 +259,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     interrupt = CheckpointOnSignal(out_dir / "checkpoints")
     if cfg.trainer.get("enable_checkpointing", True):  # Lightning refuses Checkpoint callbacks otherwise
         callbacks.append(interrupt)
-    # every checkpoint is written atomically, whatever the trainer config
+    # every checkpoint is written atomically, whatever the trainer config; under srun, Lightning's SLURM environment
+    # without its auto-requeue (CheckpointOnSignal saves at a consistent point; sgma.cluster)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *lightning_plugins()]
     )
     _log_hyperparameters(loggers, cfg_dict, dm, module)
 
@@ -287,8 +309,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"cfg": cfg, "datamodule": dm, "module": module, "trainer": trainer}
 
 
-def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: SegmentationModule, split: str, patterns):
-    """``eval.full_tile=true``: score every pattern on whole tiles by sliding window (see :mod:`sgma.inference`)."""
+def _full_tile_report(
+    cfg: DictConfig, dm: MultiModalDataModule, module: SegmentationModule, split: str, patterns
+) -> bool:
+    """``eval.full_tile=true``: score every pattern on whole tiles by sliding window (see :mod:`sgma.inference`).
+
+    Runs on the devices of ``cfg.trainer`` through Lightning Fabric: with ``trainer.devices`` > 1 (or several
+    ``trainer.num_nodes``, or under ``srun``) every process evaluates its share of the tiles and the confusion
+    matrices are summed once. Fabric's launcher starts the other local processes by running eval.py again with the
+    same arguments (they rebuild everything up to here, then join); under ``srun`` they exist already. Returns
+    whether this process is rank 0 (the one that writes the outputs)."""
     base = tiled_base(dm.dataset(split))
     if base is None:
         raise ValueError(
@@ -296,17 +326,27 @@ def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: Segment
             f"{type(dm.dataset(split).base).__name__} serves fixed-size samples only: "
             f"evaluate it without eval.full_tile"
         )
-    net = module.net.to(device_for(cfg.trainer.accelerator)).eval()
-    batch_size = cfg.get("batch_size") or dm.eval_batch_size
-    log.info(
-        "full-tile evaluation of %d %s tile(s) x %d pattern(s): window=%s overlap=%s blend=%s",
-        len(base.tiles),
-        split,
-        len(patterns),
-        cfg.eval.window,
-        cfg.eval.overlap,
-        cfg.eval.blend,
+    fabric = L.Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.get("num_nodes", 1),
+        strategy=cfg.trainer.get("strategy", "auto"),
+        plugins=lightning_plugins(),
     )
+    fabric.launch()
+    net = module.net.to(fabric.device).eval()
+    batch_size = cfg.get("batch_size") or dm.eval_batch_size
+    if fabric.is_global_zero:
+        log.info(
+            "full-tile evaluation of %d %s tile(s) x %d pattern(s) on %d process(es): window=%s overlap=%s blend=%s",
+            len(base.tiles),
+            split,
+            len(patterns),
+            fabric.world_size,
+            cfg.eval.window,
+            cfg.eval.overlap,
+            cfg.eval.blend,
+        )
     module.reports[split] = evaluate_full_tiles(
         net,
         base,
@@ -321,7 +361,9 @@ def _full_tile_report(cfg: DictConfig, dm: MultiModalDataModule, module: Segment
         blend=str(cfg.eval.blend),
         batch_size=int(batch_size),
         ignore_index=module.ignore_index,
+        progress_every_s=float(cfg.eval.get("progress_every_s", 60)),
     )
+    return fabric.is_global_zero
 
 
 @task_wrapper
@@ -329,8 +371,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuild the model from the checkpoint's stored config and score every requested pattern of a split.
 
     ``eval.full_tile=true`` scores whole tiles by sliding window (``eval.window``, ``eval.overlap``,
-    ``eval.blend``) instead of the dataset's crops (tiled datasets only).
+    ``eval.blend``) instead of the dataset's crops (tiled datasets only). With ``trainer.devices`` > 1 or several
+    ``trainer.num_nodes`` (or under ``srun``) the evaluation is shared out across the processes; rank 0 writes the
+    table, the plots and the W&B run, the other ranks only return the metrics.
     """
+    check_shared_run_dir()
     wandb_logger_node(cfg, "eval.py")  # a wrong logger= fails before the evaluation, not after it
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
@@ -357,17 +402,25 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     full_tile = bool(cfg.eval.full_tile)
     trainer = None
     if full_tile:
-        _full_tile_report(cfg, dm, module, split, patterns)
+        is_zero = _full_tile_report(cfg, dm, module, split, patterns)
     else:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator,
             devices=cfg.trainer.devices,
+            num_nodes=cfg.trainer.get("num_nodes", 1),
+            strategy=cfg.trainer.get("strategy", "auto"),
             precision=cfg.trainer.precision,
             logger=False,
             enable_checkpointing=False,
             default_root_dir=cfg.paths.output_dir,
+            use_distributed_sampler=False,  # the evaluation sampler shards itself across ranks, without padding
+            plugins=lightning_plugins(),
         )
         trainer.test(module, dataloaders=dm.eval_dataloader(split, patterns), verbose=False)
+        is_zero = trainer.is_global_zero
+    objects = {"cfg": run_cfg, "datamodule": dm, "module": module, "trainer": trainer}
+    if not is_zero:  # every rank holds the summed report; rank 0 alone writes it
+        return module.reports[split].metrics(split), objects
     out_dir = Path(cfg.paths.output_dir)
     how = (
         f", full tiles (window={cfg.eval.window}, overlap={cfg.eval.overlap}, blend={cfg.eval.blend})"
@@ -405,4 +458,4 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if nan:
         log.warning("metrics without labelled pixels (NaN): %s", ", ".join(nan))
     log_evaluation(cfg, run_cfg=run_cfg, module=module, datamodule=dm)  # eval.py logger=wandb; else nothing
-    return metrics, {"cfg": run_cfg, "datamodule": dm, "module": module, "trainer": trainer}
+    return metrics, objects

@@ -159,11 +159,12 @@ class PatternGridSampler(Sampler[tuple[int, int]]):
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C and SLURM signal the whole process group, and a worker
-    that died with it would crash the main process before it saves its checkpoint (sgma.recovery); the main
-    process shuts its workers down itself, and they exit on their own if it dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers ignore SIGINT, SIGTERM and SLURM's time-limit warnings (SIGUSR1/SIGUSR2, whose default
+    action kills): Ctrl-C and SLURM signal the whole process group, and a worker that died with it would crash the
+    main process before it saves its checkpoint (sgma.recovery); the main process shuts its workers down itself,
+    and they exit on their own if it dies."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class MultiModalDataModule(L.LightningDataModule):

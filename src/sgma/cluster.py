@@ -1,0 +1,220 @@
+"""Running on clusters: Lightning's SLURM environment, requeued jobs that resume, and checks made before a sweep is
+submitted.
+
+- :func:`lightning_plugins`: under ``srun``, Lightning's SLURM environment with its own auto-requeue off. Its
+  auto-requeue would save ``hpc_ckpt_*.ckpt`` from inside its signal handler, in the middle of a step, and requeue
+  the job at once (SLURM then kills it while checkpoints are still being written). sgma's
+  :class:`~sgma.recovery.CheckpointOnSignal` instead saves ``last.ckpt`` at the next consistent point, and
+  :func:`requeue` hands the job back to SLURM after that save.
+- :func:`resume_checkpoint`: ``ckpt_path=last`` resumes the run folder's ``last.ckpt``; a job that SLURM or
+  submitit restarted (requeued after its time limit or a preemption) runs the same command in the same folder and
+  resumes from that checkpoint by itself.
+- :func:`check_shared_run_dir`: the tasks that ``srun`` starts compose their configs separately; a run folder named
+  by the time would differ per task.
+- :class:`LauncherCheck` (a Hydra callback, ``conf/hydra/default.yaml``): before a submitit sweep is submitted, the
+  launcher's nodes and tasks agree with ``trainer.num_nodes`` and ``trainer.devices``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from sgma.recovery import LAST, TrainingInterrupted
+
+log = logging.getLogger("sgma")
+
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+# SLURM's warning before the time limit: USR1 in scripts/slurm/train_paper.sbatch (--signal=USR1@300), USR2 from
+# submitit (its --signal=USR2@signal_delay_s, and its local controller before timeout_min)
+TIME_LIMIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+RESUME_LAST = "last"  # ckpt_path=last
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+def lightning_plugins() -> list:
+    """Plugins for ``Trainer`` / ``Fabric``: Lightning's SLURM environment without auto-requeue when launched by
+    ``srun`` (Lightning detects the same environment by itself, with auto-requeue on); nothing elsewhere."""
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+def slurm_job_id() -> str | None:
+    """The id ``scontrol`` knows this job by (``<array job>_<task>`` inside a job array), or None outside SLURM."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def restarted_job() -> str | None:
+    """How SLURM restarted this job (requeued after its time limit, a preemption or a node failure), or None."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if count.isdigit() and int(count) > 0:
+        return f"SLURM job {slurm_job_id()} (restart {count})"
+    return None
+
+
+def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
+    """The checkpoint ``train()`` resumes from: ``ckpt_path`` as given, or ``run_dir/checkpoints/last.ckpt`` for
+    ``ckpt_path=last`` and for a restarted job (None: a fresh start).
+
+    A restarted job runs the same command in the same folder (submitit's job folder, or the ``hydra.run.dir`` of an
+    sbatch script), so its ``last.ckpt`` is where it stopped: submitit jobs and jobs with SLURM_RESTART_COUNT >= 1
+    resume from it without being told. Each case is logged.
+    """
+    if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
+        return str(ckpt_path)
+    last = run_dir / "checkpoints" / LAST
+    restart = restarted_job()
+    submitit = os.environ.get("SUBMITIT_EXECUTOR")  # a submitit job: its folder is its own, across restarts
+    if ckpt_path is None and restart is None and not submitit:
+        return None
+    why = "ckpt_path=last" if ckpt_path is not None else (restart or f"submitit ({submitit}) job restarted")
+    if last.is_file():
+        log.info("%s: resuming from %s", why, last)
+        return str(last)
+    if ckpt_path is not None:
+        log.info("ckpt_path=last: %s does not exist yet: training from scratch", last)
+    elif restart:
+        log.warning(
+            "%s, but %s does not exist: training from scratch. A restarted job resumes only in its own folder: give "
+            "every srun task the same fixed hydra.run.dir (scripts/slurm/train_paper.sbatch)",
+            restart,
+            last,
+        )
+    return None
+
+
+def requeue(err: TrainingInterrupted) -> None:
+    """After a time-limit signal (SIGUSR1/SIGUSR2) stopped training and saved ``last.ckpt``: give the job back to
+    its scheduler, which restarts it in the same folder (it then resumes: :func:`resume_checkpoint`).
+
+    - a submitit job: submitit's own handler of that signal (restored after training) resubmits the job, counting
+      ``max_num_timeout``, and exits;
+    - a plain SLURM job (sbatch + srun): rank 0 runs ``scontrol requeue`` (allowed unless the job was submitted with
+      ``--no-requeue``);
+    - elsewhere nothing is requeued; the log says how to resume.
+
+    Any other signal (SIGINT, SIGTERM) requeues nothing: SLURM requeues a preempted job by itself when the cluster
+    is set up to.
+    """
+    if err.signum not in TIME_LIMIT_SIGNALS:
+        return
+    name = signal.Signals(err.signum).name
+    handler = signal.getsignal(err.signum)
+    # None: stopped before a resumed run trained anything; the checkpoint it resumed from is still the one
+    where = err.checkpoint or "the run folder's last.ckpt"
+    if os.environ.get("SUBMITIT_EXECUTOR") and callable(handler):
+        log.warning("%s: submitit requeues the job, which resumes from %s", name, where)
+        handler(err.signum, None)  # rank 0: requeues, then exits (SystemExit); other ranks: returns
+        return
+    job = slurm_job_id()
+    if job is None:
+        log.warning("%s outside SLURM: nothing to requeue; resume with ckpt_path=%s", name, where)
+        return
+    if os.environ.get("SLURM_PROCID", "0") != "0":
+        return  # rank 0 requeues the whole job
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{name}: training stopped ({where}) but `scontrol requeue {job}` failed (exit "
+            f"{result.returncode}: {(result.stderr or result.stdout).strip()}): submit the job again with the same "
+            f"hydra.run.dir and it resumes from that checkpoint; jobs submitted with --no-requeue cannot be requeued"
+        )
+    log.warning(
+        "%s: requeued SLURM job %s; it restarts in the same folder and resumes from %s", name, job, err.checkpoint
+    )
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def check_shared_run_dir() -> None:
+    """Refuse a run started as several ``srun`` tasks (one per device) whose run folder is named by the time: each
+    task composes its config on its own, so each would name a different folder (the checkpoints would land in rank
+    0's, and a requeued job could not find them)."""
+    tasks = os.environ.get("SLURM_NTASKS", "1")
+    if not tasks.isdigit() or int(tasks) < 2 or os.environ.get("SUBMITIT_EXECUTOR") or not SLURMEnvironment.detect():
+        return  # one process, or submitit (its jobs share the sweep's folder), or not launched by srun
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    raw = OmegaConf.to_container(hydra_cfg.run, resolve=False).get("dir")
+    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+        raw = OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("dir")
+    if isinstance(raw, str) and "${now:" in raw:
+        raise ValueError(
+            f"srun started {tasks} tasks of this run, and its folder is named by the time ({raw}), which every task "
+            "resolves on its own: give them one folder, e.g. hydra.run.dir=logs/train/runs/slurm-$SLURM_JOB_ID "
+            "(scripts/slurm/train_paper.sbatch)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- launcher check
+class LauncherCheck(Callback):
+    """Hydra callback: before a sweep goes to a submitit launcher, its resources must agree with the trainer's
+    (Lightning's SLURM environment needs ``devices`` tasks on each of ``num_nodes`` nodes; a mismatch would fail
+    in every job, after its wait in the queue). The launcher's own values are resolved here too, so the ``sgma.*``
+    resolvers (:mod:`sgma.config`) refuse a missing partition or a non-numeric device count at once."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = config.hydra.launcher.get("_target_")
+        if target not in (SLURM_LAUNCHER, LOCAL_LAUNCHER):
+            return
+        option = "submitit_slurm" if target == SLURM_LAUNCHER else "submitit_local"
+        if "trainer" not in config:
+            raise ValueError(
+                f"hydra/launcher={option} sizes its jobs from trainer.devices and trainer.num_nodes, which this "
+                "config has no trainer for: use it with train.py or eval.py"
+            )
+        launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+        devices, nodes = config.trainer.get("devices"), config.trainer.get("num_nodes", 1)
+        if target == LOCAL_LAUNCHER:
+            check_local_launcher(launcher, devices)
+        else:
+            check_slurm_launcher(launcher, devices, nodes)
+
+
+def check_slurm_launcher(launcher: dict, devices: Any, nodes: Any) -> None:
+    tasks, gpus = launcher["tasks_per_node"], launcher.get("gpus_per_node")
+    if launcher["nodes"] != nodes:
+        raise ValueError(
+            f"hydra.launcher.nodes={launcher['nodes']} but trainer.num_nodes={nodes}: Lightning would refuse the "
+            f"job. Set trainer.num_nodes={launcher['nodes']} and leave hydra.launcher.nodes to follow it"
+        )
+    if tasks != devices:
+        raise ValueError(
+            f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: Lightning's SLURM environment "
+            f"needs one task per device. Set trainer.devices={tasks} and leave hydra.launcher.tasks_per_node to "
+            "follow it"
+        )
+    if gpus not in (None, 0) and gpus != tasks:
+        raise ValueError(
+            f"hydra.launcher.gpus_per_node={gpus} but trainer.devices={devices}: each task trains on one GPU, so a "
+            f"node needs {tasks}. Leave hydra.launcher.gpus_per_node to follow trainer.devices"
+        )
+
+
+def check_local_launcher(launcher: dict, devices: Any) -> None:
+    if launcher["tasks_per_node"] != 1 or launcher["nodes"] != 1:
+        raise ValueError(
+            f"hydra.launcher.tasks_per_node={launcher['tasks_per_node']}, hydra.launcher.nodes={launcher['nodes']}: "
+            "hydra/launcher=submitit_local runs each job as one process on this machine; set both to 1"
+        )
+    if devices != 1:
+        raise ValueError(
+            f"trainer.devices={devices} with hydra/launcher=submitit_local: Lightning would start the other DDP "
+            "processes by re-running the submitit job command, which cannot work. Run one device per job "
+            "(trainer.devices=1), or DDP without the launcher (python train.py trainer=ddp ...)"
+        )
