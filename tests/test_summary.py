@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, compose_config
 from sgma.metrics import build_report
 from sgma.modalities import all_patterns
 from sgma.reporting import write_report
@@ -221,3 +221,30 @@ def test_real_multirun(tmp_path):
     assert f"| {'model=baseline'} | 1, 2 | 2 |" in proc.stdout
     with Image.open(sweep / "summary.png") as image:
         assert image.format == "PNG"
+
+
+def test_ablation_experiment_is_one_command(tmp_path):
+    """experiment=ablation sweeps presets x regimes x seeds and ends with the summary (its Hydra callback): a
+    real 2-job sweep through train.py, narrowed on the command line, then the table it wrote and printed."""
+    cfg = compose_config("train", ["experiment=ablation"])
+    params = cfg.hydra.sweeper.params
+    assert params.model.split(",") == ["baseline", "muss", "sgf_only", "mas_only", "sgma"]
+    assert params.missing.split(",") == ["full", "uniform"] and params.seed.split(",") == ["1", "2", "3"]
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
+    args = ["-m", "experiment=ablation", "debug=tiny", "logger=csv", "model=baseline", "missing=full", "seed=1,2"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summarise(sweep)
+    assert len(summary.settings) == 1 and not summary.skipped
+    values = [job_values(sweep / str(n))["avg"] for n in (0, 1)]
+    cell = summary.cell(summary.settings[0], "avg")
+    assert cell.n == 2 and cell.std == pytest.approx(np.std(values, ddof=1))
+    assert "Sweep summary" in proc.stdout and "| 1, 2 | 2 |" in proc.stdout  # printed by the callback
+    assert all((sweep / name).is_file() for name in ("summary.md", "summary.csv", "summary.png"))

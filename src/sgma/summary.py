@@ -28,11 +28,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+from hydra.experimental.callback import Callback
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
 from sgma.figures import DPI, png_bytes
 from sgma.reporting import SUMMARY_LABELS, write_file_set
@@ -341,6 +344,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(to_markdown(summary))
     log.info("written: %s", ", ".join(str(p) for p in paths))
     return 0
+
+
+class SummariseSweep(Callback):
+    """Hydra callback: write and print the sweep summary when a multirun ends (``hydra.callbacks``, see
+    ``conf/experiment/ablation.yaml``), so a sweep is one command from jobs to table. A sweep in which no job
+    wrote its table is an error here, as it is for ``python -m sgma.summary``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        summary, paths = write_summary(folder)
+        print(f"\nSweep summary ({folder}):\n\n{to_markdown(summary)}", flush=True)
+        log.info("written: %s", ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":
