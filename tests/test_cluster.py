@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -35,6 +36,7 @@ from sgma.inference import TileProgress, evaluate_full_tiles
 from sgma.modalities import Modality, all_patterns
 from sgma.models.segmentor import SegmentorOutput
 from sgma.recovery import LAST
+from sgma.summary import summarise
 from sgma.utils import instantiate
 
 PATTERNS = all_patterns(["rgb", "nir", "dsm"])
@@ -190,24 +192,31 @@ def test_time_limit_signal_saves_then_ckpt_path_last_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------------------ local sweep
 def test_submitit_local_sweep_runs_jobs_in_parallel(tmp_path):
-    """Two tiny jobs through hydra/launcher=submitit_local (started together), then the sweep summary on them."""
+    """The ablation command narrowed to two tiny jobs (experiment=ablation model=baseline missing=full seed=1,2)
+    through hydra/launcher=submitit_local: both start together, and the sweep ends with its summary (the
+    experiment's Hydra callback, run in the launching process once every job has finished)."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=submitit_local", "debug=tiny", "logger=csv", "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "hydra/launcher=submitit_local", "experiment=ablation", "model=baseline", "missing=full", "seed=1,2"]
+    args += ["debug=tiny", "logger=csv", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (sweep / ".submitit").is_dir()  # submitit's job files: pickles and each job's stdout/stderr
+    avg = []
     for n, seed in ((0, 1), (1, 2)):
         table = json.loads((sweep / str(n) / "patterns.json").read_text())
         assert table["config"]["seed"] == seed and [r["pattern"] for r in table["patterns"]] == PATTERNS
         assert f"seed={seed}" in yaml.safe_load((sweep / str(n) / ".hydra" / "overrides.yaml").read_text())
+        avg.append(table["summaries"]["avg"]["miou"])
     # side by side: each job started (Hydra wrote its .hydra/) before the other one finished (wrote its table)
     start = [(sweep / str(n) / ".hydra" / "config.yaml").stat().st_mtime for n in (0, 1)]
     end = [(sweep / str(n) / "patterns.json").stat().st_mtime for n in (0, 1)]
     assert start[0] < end[1] and start[1] < end[0], (start, end)
-    proc = subprocess.run([sys.executable, "-m", "sgma.summary", str(sweep)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| debug=tiny logger=csv | 1, 2 | 2 |" in proc.stdout and (sweep / "summary.md").is_file()
+    summary = summarise(sweep)
+    cell = summary.cell(summary.settings[0], "avg")
+    assert len(summary.settings) == 1 and cell.n == 2 and cell.std == pytest.approx(np.std(avg, ddof=1))
+    assert "Sweep summary" in proc.stdout and "| 1, 2 | 2 |" in proc.stdout  # printed by the callback
+    assert all((sweep / name).is_file() for name in ("summary.md", "summary.csv", "summary.png"))
 
 
 # ------------------------------------------------------------------------------------------ Optuna
