@@ -248,6 +248,7 @@ def test_optuna_search_composes():
         assert OmegaConf.select(cfg, key) is not None, key
 
 
+@pytest.mark.slow  # about a minute; the composition test above runs in the default suite
 @needs_optuna
 def test_optuna_search_runs_two_trials(tmp_path):
     sweep = tmp_path / "search"
