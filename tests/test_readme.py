@@ -75,6 +75,9 @@ SLOW = {
     "backbone=resnet": "ResNet-50",
     "backbone=segformer,pvt_v2,resnet": "PVT-v2-b2 and ResNet-50",
     "experiment=paper": "PVT-v2-b2",
+    # 4 subprocess jobs that import torch each (~1 min on 2 cores); tests/test_cluster.py runs a real 2-job
+    # submitit_local sweep in the default suite
+    "hydra/launcher=submitit_local": "4 jobs in their own processes",
 }
 PLACEHOLDER = re.compile(r"\.\.\.|<[^>]*>|\b(PATH|FOLDER|DIR|FILE)\b")
 FAKE_DATASETS = ("potsdam", "vaihingen", "dfc2023", "deliver", "folder")
