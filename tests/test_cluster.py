@@ -448,6 +448,7 @@ def test_eval_py_whole_tiles_on_two_processes(potsdam_ckpt, tmp_path):
     assert [r["pattern"] for r in tables[1]["patterns"]] == PATTERNS
 
 
+@pytest.mark.slow  # ~16 s; the whole-tile 2-process eval.py test above runs in the default suite
 def test_eval_py_crops_on_two_processes(potsdam_ckpt, tmp_path):
     """Crop evaluation under DDP (trainer.devices=2): the evaluation sampler shards itself, Lightning must not shard
     it again, and the table equals the one-process table."""

@@ -78,6 +78,8 @@ SLOW = {
     # 4 subprocess jobs that import torch each (~1 min on 2 cores); tests/test_cluster.py runs a real 2-job
     # submitit_local sweep in the default suite
     "hydra/launcher=submitit_local": "4 jobs in their own processes",
+    # 2 gloo processes (~15 s); tests/test_cluster.py runs the same eval.py command and compares it with 1 process
+    "trainer.devices=2": "2 processes",
 }
 PLACEHOLDER = re.compile(r"\.\.\.|<[^>]*>|\b(PATH|FOLDER|DIR|FILE)\b")
 FAKE_DATASETS = ("potsdam", "vaihingen", "dfc2023", "deliver", "folder")
