@@ -418,31 +418,37 @@ def potsdam_ckpt(potsdam_root, tmp_path_factory) -> Path:
     return run / "checkpoints" / LAST
 
 
-def test_eval_py_whole_tiles_on_two_processes(potsdam_ckpt, tmp_path):
-    """eval.py eval.full_tile=true trainer.devices=2 (Fabric starts the second process, gloo): 3 tiles, 2 and 1 per
-    rank; rank 0 writes the same table as a one-process evaluation, to the integer."""
-    from sgma.data.isprs import Potsdam
+def _one_and_two_processes(args: list[str], tmp_path: Path) -> tuple[list[dict], str]:
+    """The same evaluation in this process and through eval.py with trainer.devices=2 (Fabric or Lightning starts
+    the second process, gloo): both patterns.json tables, and the 2-process run's output."""
     from sgma.tasks import evaluate
 
-    drop = json.dumps(["7_10", *(t for t in Potsdam.TEST_TILES if t not in KEEP)])
-    args = [f"ckpt_path={potsdam_ckpt}", "dataset=potsdam", "dataset.size=64", "eval.full_tile=true", "eval.window=64"]
-    args += ["trainer.accelerator=cpu", f"dataset.builder.drop_tiles={drop}", "eval.progress_every_s=0"]
     one = tmp_path / "one"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluate(bind_to(compose_config("eval", args), one))
     GlobalHydra.instance().clear()
-
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, str(REPO / "eval.py"), *args, "trainer.devices=2", f"hydra.run.dir={two}"],
                           cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
+    return [json.loads((folder / "patterns.json").read_text()) for folder in (one, two)], output
+
+
+def test_eval_py_whole_tiles_on_two_processes(potsdam_ckpt, tmp_path):
+    """eval.py eval.full_tile=true trainer.devices=2 (Fabric starts the second process, gloo): 3 tiles, 2 and 1 per
+    rank; rank 0 writes the same table as a one-process evaluation, to the integer."""
+    from sgma.data.isprs import Potsdam
+
+    drop = json.dumps(["7_10", *(t for t in Potsdam.TEST_TILES if t not in KEEP)])
+    args = [f"ckpt_path={potsdam_ckpt}", "dataset=potsdam", "dataset.size=64", "eval.full_tile=true", "eval.window=64"]
+    args += ["trainer.accelerator=cpu", f"dataset.builder.drop_tiles={drop}", "eval.progress_every_s=0"]
+    tables, output = _one_and_two_processes(args, tmp_path)
     assert "on 2 process(es)" in output
     assert "[rank 0/2] full-tile test: tile 6_15 done (2/2 tiles of this rank)" in output
     assert "[rank 1/2] full-tile test: tile 6_14 done (1/1 tiles of this rank)" in output
     assert "[rank 1/2] full-tile test: tile 6_14 (1/1): 28/28 windows (7 patterns)" in output  # within a tile
-    tables = [json.loads((folder / "patterns.json").read_text()) for folder in (one, two)]
     assert [r["confusion"] for r in tables[0]["patterns"]] == [r["confusion"] for r in tables[1]["patterns"]]
     assert tables[0]["summaries"] == tables[1]["summaries"]
     assert [r["pattern"] for r in tables[1]["patterns"]] == PATTERNS
@@ -452,17 +458,5 @@ def test_eval_py_whole_tiles_on_two_processes(potsdam_ckpt, tmp_path):
 def test_eval_py_crops_on_two_processes(potsdam_ckpt, tmp_path):
     """Crop evaluation under DDP (trainer.devices=2): the evaluation sampler shards itself, Lightning must not shard
     it again, and the table equals the one-process table."""
-    from sgma.tasks import evaluate
-
-    args = [f"ckpt_path={potsdam_ckpt}", "trainer.accelerator=cpu", "split=val"]
-    one = tmp_path / "one"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        evaluate(bind_to(compose_config("eval", args), one))
-    GlobalHydra.instance().clear()
-    two = tmp_path / "two"
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), *args, "trainer.devices=2", f"hydra.run.dir={two}"],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    tables = [json.loads((folder / "patterns.json").read_text()) for folder in (one, two)]
+    tables, _ = _one_and_two_processes([f"ckpt_path={potsdam_ckpt}", "trainer.accelerator=cpu", "split=val"], tmp_path)
     assert [r["confusion"] for r in tables[0]["patterns"]] == [r["confusion"] for r in tables[1]["patterns"]]

@@ -46,9 +46,11 @@ warnings.filterwarnings(
 )
 
 
-def _whole_number(value: Any) -> int | None:
-    """``value`` as an int if it is a whole number (not a bool, a string or a list), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _count(value: Any, error: str) -> int:
+    """``value`` as a whole number >= 1 (not a bool, a string or a list), else ``ValueError(error)``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(error)
+    return value
 
 
 def slurm_partition(value: Any) -> str:
@@ -62,24 +64,20 @@ def slurm_partition(value: Any) -> str:
 
 
 def slurm_nodes(value: Any) -> int:
-    nodes = _whole_number(value)
-    if nodes is None or nodes < 1:
-        raise ValueError(
-            f"trainer.num_nodes={value!r}: the number of machines must be a whole number >= 1 (the SLURM launcher "
-            "asks for that many nodes), e.g. trainer.num_nodes=2"
-        )
-    return nodes
+    return _count(
+        value,
+        f"trainer.num_nodes={value!r}: the number of machines must be a whole number >= 1 (the SLURM launcher asks "
+        "for that many nodes), e.g. trainer.num_nodes=2",
+    )
 
 
 def slurm_tasks(value: Any) -> int:
-    devices = _whole_number(value)
-    if devices is None or devices < 1:
-        raise ValueError(
-            f"trainer.devices={value!r}: the submitit launchers need the number of devices per node as a whole "
-            "number >= 1 (SLURM starts one task per device; 'auto', -1 or a list of device ids cannot size a job), "
-            "e.g. trainer.devices=4"
-        )
-    return devices
+    return _count(
+        value,
+        f"trainer.devices={value!r}: the submitit launchers need the number of devices per node as a whole number "
+        ">= 1 (SLURM starts one task per device; 'auto', -1 or a list of device ids cannot size a job), e.g. "
+        "trainer.devices=4",
+    )
 
 
 def slurm_gpus(accelerator: Any, tasks: Any) -> int | None:
