@@ -276,3 +276,37 @@ def test_channels_last_gives_the_same_model(backbone):
         torch.testing.assert_close(fast(inputs(7), MASKS).logits, net(inputs(7), MASKS).logits, atol=1e-4, rtol=1e-4)
     fast.train()
     fast(inputs(7), MASKS).logits.mean().backward()  # and it trains
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_segformer_head_equals_smp_forward(training):
+    """The head computes smp's SegformerDecoder function (embed, upsample, concat, 1x1 fuse) reassociated:
+    same outputs, same gradients for the inputs and every parameter, in train (batch-statistics BN) and eval."""
+    import torch.nn.functional as F
+
+    from sgma.models.head import SegFormerHead
+
+    torch.manual_seed(0)
+    head = SegFormerHead(in_channels=[32, 64, 160, 256], num_classes=6, channels=64).double().train(training)
+    head.dropout.p = 0.0  # dropout draws differ between two calls; the function is what is compared
+    for p in head.parameters():  # non-trivial BN affine and biases
+        p.data.normal_()
+    feats = [
+        torch.randn(3, c, 24 >> i, 32 >> i, dtype=torch.float64, requires_grad=True)
+        for i, c in enumerate([32, 64, 160, 256])
+    ]
+
+    def smp_forward() -> torch.Tensor:  # the decoder as smp runs it, with the stub inputs it expects
+        stub = feats[0].new_empty(3, 0, 96, 128)
+        x = head.decoder([stub, stub[:, :, :1, :1], *feats])
+        return F.interpolate(head.classifier(x), size=(96, 128), mode="bilinear", align_corners=False)
+
+    weights = torch.randn(3, 6, 96, 128, dtype=torch.float64)
+    ours = head(feats, out_size=(96, 128))
+    grads = torch.autograd.grad((ours * weights).sum(), [*feats, *head.parameters()])
+    ref = smp_forward()
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [*feats, *head.parameters()])
+    torch.testing.assert_close(ours, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    assert set(head.state_dict()) >= {"decoder.fuse_stage.0.weight", "decoder.mlp_stage.3.linear.weight"}

@@ -1,20 +1,29 @@
-"""SegFormer all-MLP head over the four fused scales (reuses smp's SegformerDecoder)."""
+"""SegFormer all-MLP head over the four fused scales (smp's SegformerDecoder parameters, evaluated reassociated)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import Tensor, nn
 
 
 class SegFormerHead(nn.Module):
-    """Per-scale linear embedding, upsampling to stride 4, concat + 1x1 fuse, classifier.
+    """Per-scale linear embedding, upsampling to stride 4, concat + 1x1 fuse (BN, ReLU), classifier.
 
-    smp's decoder takes the full encoder feature list (input image, stride 2, then the four scales) and
-    reads the input size off its first element; we feed it two empty 0-channel placeholders so it sees
-    exactly our four fused scales.
+    The parameters are smp's ``SegformerDecoder``'s (state-dict keys ``decoder.mlp_stage.<i>.linear.*``,
+    ``decoder.fuse_stage.*``), but the forward pass computes the same function in another order. SegFormer
+    embeds every scale to ``channels``, upsamples all four to stride 4, concatenates them (4 x channels) and
+    mixes them with a 1x1 conv. Every step before the norm is linear and acts per pixel on channels, and a
+    bilinear upsampling acts per channel on space (its weights sum to 1, so it keeps constants), so they
+    commute: ``fuse(cat_i(up(L_i x_i))) = sum_i up(W_i L_i x_i + W_i b_i)``, with W_i the fuse weight's
+    block for scale i. Each scale is projected once, at its own resolution, by the product W_i L_i (a
+    channels x C_i matrix, formed per call), and the upsampled maps are summed. That drops the
+    (B, 4 x channels, H/4, W/4) concatenation and its 4 x channels -> channels conv at stride 4, which was
+    about a quarter of an SGMA training step on CPU (it runs twice there, once more for the MAS branch).
+    ``tests/test_models.py`` checks outputs and gradients against smp's own forward.
     """
 
     def __init__(
@@ -22,6 +31,7 @@ class SegFormerHead(nn.Module):
     ) -> None:
         super().__init__()
         assert len(in_channels) == 4, f"SegFormer head needs 4 scales, got {list(in_channels)}"
+        self.channels = channels
         self.decoder = SegformerDecoder(
             encoder_channels=[0, 0, *in_channels], encoder_depth=5, segmentation_channels=channels
         )
@@ -29,8 +39,24 @@ class SegFormerHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
     def forward(self, feats: Sequence[Tensor], *, out_size: tuple[int, int]) -> Tensor:
-        first = feats[0]  # stride 4
-        stub = first.new_empty(first.shape[0], 0, first.shape[-2] * 4, first.shape[-1] * 4)
-        x = self.decoder([stub, stub[:, :, :1, :1], *feats])
-        logits = self.classifier(self.dropout(x))
+        logits = self.classifier(self.dropout(self.decode(feats)))
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+
+    def decode(self, feats: Sequence[Tensor]) -> Tensor:
+        """The decoder's (B, channels, H/4, W/4) map from the four scales (stride 4 first)."""
+        conv, norm, act = self.decoder.fuse_stage
+        # smp concatenates the deepest scale first: mlp_stage[i] embeds feats[-1 - i], fuse block i mixes it
+        blocks = conv.weight.flatten(1).split(self.channels, dim=1)
+        target = feats[0].shape[-2:]
+        total = None
+        for mlp, block, x in zip(self.decoder.mlp_stage, blocks, reversed(feats), strict=True):
+            if x.device.type == "cpu":  # torch's CPU bilinear kernel is ~10x slower on NCHW than channels-last
+                x = x.contiguous(memory_format=torch.channels_last)
+            weight = block @ mlp.linear.weight  # (channels, C_i)
+            y = F.conv2d(x, weight[:, :, None, None], block @ mlp.linear.bias)
+            if y.shape[-2:] != target:  # smp's same-size bilinear resize of stride 4 is the identity
+                y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
+            total = y if total is None else total + y
+        if conv.bias is not None:  # smp's fuse conv has none (a norm follows); kept for use_norm=False
+            total = total + conv.bias.view(1, -1, 1, 1)
+        return act(norm(total))
