@@ -37,6 +37,10 @@ Per phase and preset:
 - ``other load`` (CPU runs): cores used by other processes during the timed steps (``/proc/stat``); on a
   shared machine, rows with a high value have unreliable times. Ops and syncs do not depend on it.
 
+``--profile N`` profiles one more step per phase and prints the N ops with the most self time (device time on
+CUDA, CPU time on CPU) with their input shapes, which says where a ratio comes from; ``--trace DIR`` writes that
+step's Chrome trace (open it in ``chrome://tracing`` or Perfetto). Both are kept in the JSON.
+
 The train table's ``syncs`` column reads ``<in training_step>/<in the whole step>``.
 
 Usage::
@@ -44,6 +48,7 @@ Usage::
     .venv/bin/python scripts/bench_step.py --device cpu --size 64 --batch 4 --backbones mit_b0   # CPU, quick
     python scripts/bench_step.py --device cuda --precision bf16                                 # the GPU table
     python scripts/bench_step.py --device cuda --precision bf16 --compile --backbones tu-pvt_v2_b2
+    python scripts/bench_step.py --device cuda --precision bf16 --shapes 512x8 --profile 25 --trace traces/
     .venv/bin/python scripts/bench_step.py --counts-only --size 64 --batch 4 --backbones mit_b0 --out x.json
 
 Imports nothing beyond torch, lightning, hydra/omegaconf and the model's own dependencies (no wandb), so it
@@ -247,6 +252,7 @@ class Phase:
     step_ops: int = 0  # forward alone (training_step for train)
     step_syncs: int = 0
     warmup_s: float = float("nan")  # the warm-up steps (with --compile: compiling every packed shape first)
+    top_ops: list = field(default_factory=list)  # --profile N: the N ops with the most self time in one step
 
 
 def autocast(device: torch.device, precision: str):
@@ -336,8 +342,9 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
         load.__exit__()
         phase.ms, phase.host_ms = statistics.median(walls), statistics.median(hosts)
         phase.other_load = None if cuda else load.value
-        if cuda:
-            phase.device_ms = profiled_device_ms(step, timed[0])
+        if cuda or args.profile or args.trace:
+            phase.device_ms, phase.top_ops = profile_step(step, timed[0], device, args)
+            phase.device_ms = phase.device_ms if cuda else None
         with PeakMemory(device) as peak:
             step(timed[0])
         phase.peak_mb = peak.value
@@ -364,15 +371,43 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     return phase
 
 
-def profiled_device_ms(step: Step, batch: dict) -> float:
-    """GPU busy time of one step: the sum of its kernels' device time (torch.profiler)."""
+def profile_step(step: Step, batch: dict, device: torch.device, args: argparse.Namespace) -> tuple[float, list]:
+    """One step under ``torch.profiler``: the GPU busy time (the sum of its kernels' device time; 0 on CPU) and,
+    with ``--profile N``, the N ops with the most self time (device time on CUDA, CPU time on CPU), grouped by
+    op and input shapes. ``--trace DIR`` also writes the step's Chrome trace there."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(batch)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda:
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    with profile(activities=activities, record_shapes=bool(args.profile)) as prof:
+        step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages(group_by_input_shape=bool(args.profile))
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        phase = type(step).__name__.removesuffix("Step").lower()  # train / infer
+        prof.export_chrome_trace(str(args.trace / f"{args.case}-{phase}.json"))
+    if not args.profile:
+        return device_ms, []
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    top = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[: args.profile]
+    return device_ms, [
+        {"op": e.key, "shapes": str(e.input_shapes), "calls": e.count, "self_ms": self_us(e) / 1e3} for e in top
+    ]
+
+
+def print_top_ops(title: str, phase: Phase) -> None:
+    total = sum(op["self_ms"] for op in phase.top_ops)
+    print(f"# top {len(phase.top_ops)} ops of one step, {title} ({total:.1f} ms of self time):", file=sys.stderr)
+    for op in phase.top_ops:
+        print(f"#   {op['self_ms']:8.2f} ms {op['calls']:5d} x {op['op']} {op['shapes'][:160]}", file=sys.stderr)
 
 
 # the run -------------------------------------------------------------------------------------------------------
@@ -381,6 +416,7 @@ def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.N
     module, optimizer, dm = build(preset, backbone, size, batch, args)
     batches = make_batches(dm, size, batch, args.warmup + max(args.iters, 1), device, module)
     result = {"preset": preset, "backbone": backbone, "size": size, "batch": batch}
+    args.case = f"{backbone}-{size}x{batch}-{preset}"  # names --trace files
     if "train" in args.phases:
         result["train"] = measure(TrainStep(module, optimizer, device, args.precision), batches, device, args)
         if hasattr(module, "_check_finite"):  # (a checkout from before the guard has none)
@@ -388,6 +424,9 @@ def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.N
     if "infer" in args.phases:
         full = [full_batch(b, module) for b in batches]
         result["infer"] = measure(InferStep(module, device, args.precision), full, device, args)
+    for phase in ("train", "infer"):
+        if args.profile and phase in result:
+            print_top_ops(f"{args.case} {phase}", result[phase])
     del module, optimizer, batches
     gc.collect()
     if device.type == "cuda":
@@ -498,6 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--counts-only", action="store_true", help="skip timing and memory; op and sync counts")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the N ops with the most self time in one step"
+    )
+    parser.add_argument("--trace", type=Path, help="write one step's Chrome trace per case and phase here")
     args = parser.parse_args(argv)
     if (args.size is None) != (args.batch is None):
         parser.error("--size and --batch go together")
@@ -511,6 +554,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.phases = [p for p in args.phases.split(",") if p]
     if not set(args.phases) <= {"train", "infer"} or not args.phases:
         parser.error(f"--phases takes train, infer or both, got {args.phases}")
+    if args.counts_only and (args.profile or args.trace):
+        parser.error("--profile and --trace profile a timed step; --counts-only times nothing")
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

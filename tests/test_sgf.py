@@ -258,10 +258,11 @@ def test_no_per_pixel_prototype_copies(class_average: str) -> None:
     assert numel < b * k * d * H * W
 
 
-@pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 6), (16, 16)])
+@pytest.mark.parametrize("size", [(2, 2), (3, 5), (6, 6), (16, 16), (32, 32)])
 def test_grouped_projectors_equal_separate_per_modality_projectors(size):
     """One grouped computation (merged and cropped depthwise kernel, M*G-group norm, grouped 1x1) equals
-    each modality's projector run on its own with three separate branch convs, in values and gradients."""
+    each modality's projector run on its own with three separate branch convs, in values and gradients
+    (32 x 32 runs the CPU's channels-last path)."""
     torch.manual_seed(0)
     projectors = ModalityProjectors(num_modalities=M, in_channels=8, embed_dim=12, norm_groups=4).double()
     feats = torch.randn(2, M, 8, *size, dtype=torch.float64, requires_grad=True)
@@ -271,6 +272,9 @@ def test_grouped_projectors_equal_separate_per_modality_projectors(size):
     separate = torch.stack([p(feats[:, i]) for i, p in enumerate(singles)], dim=2)
     torch.testing.assert_close(grouped, separate)
     cotangent = torch.randn_like(grouped)
+    (grad_grouped,) = torch.autograd.grad(grouped, feats, cotangent, retain_graph=True)
+    (grad_separate,) = torch.autograd.grad(separate, feats, cotangent, retain_graph=True)
+    torch.testing.assert_close(grad_grouped, grad_separate)
     (grouped * cotangent).sum().backward()
     (separate * cotangent).sum().backward()
     c = 8
