@@ -19,9 +19,14 @@ Per phase and preset:
   last call returns, before synchronizing); CPU: process CPU time (all threads, ``time.process_time``).
 - ``device ms`` (CUDA only): GPU busy time of one profiled step, the sum of its kernels' device time
   (``torch.profiler``). Host ms above device ms means the GPU waits for the host.
-- ``peak MB``: extra memory one step needs above what was allocated before it. CUDA:
-  ``max_memory_allocated``; CPU: the resident-set high-water mark (``VmHWM`` after resetting it through
-  ``/proc/self/clear_refs``) minus ``VmRSS`` before the step; ``-`` where the kernel does not offer it.
+- ``peak MB``: extra memory one step needs above what was allocated before it, measured in one more step
+  after the timed ones. CUDA: ``max_memory_allocated``; CPU: the resident-set high-water mark (``VmHWM``
+  after resetting it through ``/proc/self/clear_refs``) minus ``VmRSS`` before the step; for that step glibc
+  first returns the heap's free pages to the OS (``malloc_trim``) and gives every new buffer of 128 KiB or
+  more its own mapping (``mallopt``), so that memory freed before the step does not hide its peak; ``-``
+  where the kernel or the C library does not offer this. CPU timings run with glibc's mmap threshold fixed at 32 MiB, the value
+  its dynamic threshold settles at in a training loop (the 128 KiB setting would slow a step about 2x
+  with page faults, so it is never on while timing).
 - ``syncs``: host-device synchronisations in one step. CUDA: warnings of ``torch.cuda.set_sync_debug_mode``.
   CPU (no device to wait for): dispatched ops that would synchronise on a GPU (``_local_scalar_dense``,
   i.e. ``.item()``/``bool()``/``int()`` of a tensor; ``nonzero``; ``multinomial``; ``masked_select``;
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import gc
 import json
@@ -135,6 +141,29 @@ class OtherLoad:
             self.value = max(0.0, (busy - self.busy) - (time.process_time() - self.own)) / wall
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+SETTLED_MMAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where its dynamic one settles
+PEAK_MMAP_THRESHOLD = 128 * 2**10
+
+
+def _set_mmap_threshold(nbytes: int) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)``; False where the C library has no such call."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def _release_free_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: give the free pages of the heap back to the OS, so that a step that reuses
+    them shows in the resident set again (a lower mmap threshold alone only affects new heap growth)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def _reset_rss_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -157,7 +186,7 @@ class PeakMemory:
             self.before = torch.cuda.memory_allocated()
         else:
             gc.collect()
-            self.ok = _reset_rss_peak()
+            self.ok = _set_mmap_threshold(PEAK_MMAP_THRESHOLD) and _release_free_heap() and _reset_rss_peak()
             self.before = _proc_status_kb("VmRSS")
         return self
 
@@ -165,9 +194,11 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.value = (torch.cuda.max_memory_allocated() - self.before) / 2**20
-        elif self.ok and self.before is not None:
+        else:
             peak = _proc_status_kb("VmHWM")
-            self.value = None if peak is None else max(0, peak - self.before) / 1024
+            _set_mmap_threshold(SETTLED_MMAP_THRESHOLD)
+            if self.ok and self.before is not None and peak is not None:
+                self.value = max(0, peak - self.before) / 1024
 
 
 # the model and the batches -------------------------------------------------------------------------------------
@@ -565,10 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
-        # glibc keeps freed buffers in its heap, which hides a step's peak from the RSS high-water mark; with
-        # a fixed mmap threshold every large buffer is its own mapping, returned to the OS when freed
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    if args.device == "cpu":
+        _set_mmap_threshold(SETTLED_MMAP_THRESHOLD)  # every case times under the same allocator setting
     if args.threads:
         torch.set_num_threads(args.threads)
     # Lightning warns once per module that self.log() has no Trainer here; the logged values are not needed
