@@ -310,3 +310,37 @@ def test_per_modality_state_dict_still_loads():
     feats = make_feats(7)
     with torch.no_grad():
         torch.testing.assert_close(fresh(feats, PATTERNS).fused, sgf(feats, PATTERNS).fused)
+
+
+@pytest.mark.parametrize("class_average", ["uniform", "weighted"])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_fuse_single_equals_fuse_under_one_modality(class_average: str, heads: int) -> None:
+    """The MAS branch's closed form: with one available modality per sample, SGF is RP's value and output
+    projections of that token. Same output as the full fusion, and the same gradients for the tokens and every
+    parameter; the parts it skips (class maps, prototypes, SP, RP's query and keys) get exactly zero gradient
+    from the full fusion, so skipping them changes nothing."""
+    sgf = make_sgf(class_average=class_average, num_heads=heads).double()
+    for p in sgf.parameters():  # non-trivial biases
+        p.data.normal_(0, 0.3)
+    tokens = sgf.prepare(make_feats(7).double(), PATTERNS).detach().requires_grad_()
+    drawn = torch.tensor([0, 2, 1, 1, 0, 2, 1])  # includes samples that lack their drawn modality
+    alone = torch.nn.functional.one_hot(drawn, M).bool()
+    params = dict(sgf.named_parameters())
+    cotangent = torch.randn(7, sgf.embed_dim, H, W, dtype=torch.float64)
+    full = sgf.fuse(tokens, alone, return_robustness=False).fused
+    full_grads = torch.autograd.grad(full, [tokens, *params.values()], cotangent, allow_unused=True)
+    single = sgf.fuse_single(tokens, alone)
+    assert single.robustness is None
+    single_grads = torch.autograd.grad(single.fused, [tokens, *params.values()], cotangent, allow_unused=True)
+    torch.testing.assert_close(single.fused, full)
+    for name, g_full, g_single in zip(["tokens", *params], full_grads, single_grads, strict=True):
+        if g_single is None:  # skipped by the closed form: the full fusion gives it nothing either
+            assert g_full is None or torch.count_nonzero(g_full) == 0, name
+        else:
+            torch.testing.assert_close(g_single, g_full, msg=name)
+    assert {n for n, g in zip(params, single_grads[1:], strict=True) if g is not None} == {
+        "robustness.to_kv.weight",
+        "robustness.to_kv.bias",
+        "robustness.to_out.weight",
+        "robustness.to_out.bias",
+    }

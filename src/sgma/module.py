@@ -212,6 +212,9 @@ class SegmentationModule(L.LightningModule):
     ) -> Tensor:
         """Fuse and decode one drawn modality alone from the main pass's prepared features; return its loss.
 
+        One modality per sample lets the fusion use its exact closed form (``single=True``; for SGF two 1x1 convs
+        of the drawn token, see :meth:`~sgma.models.sgf.SemanticGuidedFusion.fuse_single`).
+
         Static shapes: with ``mas_draw=batch`` the whole batch is decoded under the drawn modality, and the
         labels of the samples that lack it are ignored in the loss (instead of cutting those samples out, which
         needs their count on the host); for cross-entropy that is weight 0. Their slot holds a finite, unused
@@ -227,7 +230,7 @@ class SegmentationModule(L.LightningModule):
         alone = drawn.unsqueeze(1) == torch.arange(num_modalities, device=drawn.device)  # (B, M) one-hot
         has_drawn = (alone & available).any(dim=1)  # (B,) samples that have their drawn modality
         rows = has_drawn.float()
-        logits = self.net.fuse_decode(prepared, alone, out_size).logits
+        logits = self.net.fuse_decode(prepared, alone, out_size, single=True).logits
         if self.mas_draw == "batch":
             loss = loss_on_rows(self.loss, logits, mask, has_drawn, self.ignore_index)
         else:  # every sample drew one of its own modalities

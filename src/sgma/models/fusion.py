@@ -57,6 +57,12 @@ class Fusion(nn.Module):
         """Fuse what :meth:`prepare` returned; whatever the missing slots hold must not matter."""
         raise NotImplementedError
 
+    def fuse_single(self, feats: Tensor, available: Tensor) -> FusionOutput:
+        """:meth:`fuse` for an availability with exactly one modality per sample (the MAS branch), without
+        robustness maps. Not checked (that would wait for the device). A fusion with a cheaper exact form for
+        this case overrides it."""
+        return self.fuse(feats, available, return_robustness=False)
+
 
 def check_inputs(feats: Tensor, available: Tensor, *, num_modalities: int, channels: int) -> None:
     """Shape and dtype checks: metadata only, no device sync."""

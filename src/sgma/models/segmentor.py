@@ -138,12 +138,18 @@ class MultiModalSegmentor(nn.Module):
         out_size: tuple[int, int],
         *,
         return_robustness: bool = False,
+        single: bool = False,
     ) -> SegmentorOutput:
         """Fuse prepared features under ``available`` (every sample needs one available modality; not checked
-        here, as that would wait for the device) and decode."""
+        here, as that would wait for the device) and decode. ``single=True``: ``available`` holds exactly one
+        modality per sample (the MAS branch), which fusions may fuse in an exact closed form
+        (:meth:`~sgma.models.fusion.Fusion.fuse_single`; no robustness maps)."""
         fused, robustness = [], []
         for fusion, p in zip(self.fusion, prepared, strict=True):
-            out = fusion.fuse(p, available, return_robustness=return_robustness)
+            if single:
+                out = fusion.fuse_single(p, available)
+            else:
+                out = fusion.fuse(p, available, return_robustness=return_robustness)
             fused.append(out.fused)
             robustness.append(out.robustness)
         logits = self.head(fused, out_size=out_size)

@@ -13,7 +13,9 @@ Pipeline at one scale (see ``docs/METHOD.md``), for features (B, M, C, H, W) and
 
 Step 1 is :meth:`SemanticGuidedFusion.prepare`, steps 2-5 :meth:`SemanticGuidedFusion.fuse` (see
 :mod:`sgma.models.fusion`): a token depends only on its own (sample, modality) slot, so the MAS branch fuses
-the main pass's tokens under its one-modality availability without running the projectors again.
+the main pass's tokens under its one-modality availability without running the projectors again, and with one
+modality per sample steps 2-5 reduce exactly to RP's value and output projections
+(:meth:`SemanticGuidedFusion.fuse_single`).
 
 Missing modalities are excluded everywhere by masking, never by their values: their inputs are replaced by
 exact zeros before any arithmetic (so NaN/inf garbage cannot leak and their tokens stay finite), and every
@@ -474,3 +476,18 @@ class SemanticGuidedFusion(Fusion):
         f_se = self.spatial(prototypes, tokens, missing, self.class_weights(class_maps, available, missing))
         fused, robustness = self.robustness(f_se, tokens, missing, return_weights=return_robustness)
         return FusionOutput(fused=fused, robustness=robustness)
+
+    def fuse_single(self, tokens: Tensor, available: Tensor) -> FusionOutput:
+        """SGF with exactly one available modality per sample, in closed form (the MAS branch).
+
+        Every masked softmax over modalities (SP's and RP's) then has one finite entry: its weights are exactly
+        one-hot and its logits get exactly zero gradient, so the class maps, the prototypes, SP and RP's query
+        and keys change neither the output nor any gradient. What remains is RP's value and output projection
+        of that modality's token: the numbers and gradients of :meth:`fuse`, for two 1x1 convs.
+        """
+        b, d, _, h, w = tokens.shape
+        index = available.to(torch.uint8).argmax(dim=1)  # the available modality, found on the device
+        token = tokens.gather(2, index.view(b, 1, 1, 1, 1).expand(b, d, 1, h, w)).squeeze(2)  # (B, D, H, W)
+        # with one-hot weights every head mixes the same token: the grouped value projection is a plain 1x1
+        _, w_v, b_v = split_kv(self.robustness.to_kv, self.num_heads)
+        return FusionOutput(fused=self.robustness.to_out(F.conv2d(token, w_v, b_v)))
