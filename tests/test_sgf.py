@@ -262,7 +262,7 @@ def test_no_per_pixel_prototype_copies(class_average: str) -> None:
 def test_grouped_projectors_equal_separate_per_modality_projectors(size):
     """One grouped computation (merged and cropped depthwise kernel, M*G-group norm, grouped 1x1) equals
     each modality's projector run on its own with three separate branch convs, in values and gradients
-    (32 x 32 runs the CPU's channels-last path)."""
+    (16 x 16 and 32 x 32 run the CPU's channels-last path)."""
     torch.manual_seed(0)
     projectors = ModalityProjectors(num_modalities=M, in_channels=8, embed_dim=12, norm_groups=4).double()
     feats = torch.randn(2, M, 8, *size, dtype=torch.float64, requires_grad=True)

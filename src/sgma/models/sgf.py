@@ -80,10 +80,12 @@ ClassAverage = Literal["uniform", "weighted"]
 DEFAULT_MAX_EMBED_DIM = 512
 
 # On CPU the projectors run channels-last on maps of at least this many pixels: oneDNN's depthwise-conv weight
-# gradient is 2-3x faster there in NHWC (its backward in an SGMA step, (8, 3x32, 32, 32), 2 threads: 42 -> 18
-# ms), and no faster or slower on smaller maps (3x64 channels at 16 x 16: 12 -> 14 ms; 3x160 at 8 x 8: 2x
-# slower). The numbers are the same up to rounding.
-CPU_CHANNELS_LAST_MIN_PIXELS = 1024
+# gradient is 2-3x faster there in NHWC (fwd+bwd of the stride-4 projector conv at 128 px, (8, 3x32, 32, 32),
+# 11x11: 46 -> 17 ms with 2 threads, 80 -> 33 ms with 1) and 2-4x slower on the small deep maps (3x160
+# channels at 8 x 8: 14 -> 25 ms). SGMA steps at 128 px x 8 (mit_b0, each an A/B in one process): with 2
+# threads 443 ms (never) vs 407 (>= 32 x 32), then 365 (>= 32 x 32) vs 358 (>= 16 x 16); with 1 thread 562
+# (>= 32 x 32) vs 528 (>= 16 x 16). The numbers are the same up to rounding.
+CPU_CHANNELS_LAST_MIN_PIXELS = 256
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
