@@ -24,9 +24,9 @@ Per phase and preset:
   after resetting it through ``/proc/self/clear_refs``) minus ``VmRSS`` before the step; for that step glibc
   first returns the heap's free pages to the OS (``malloc_trim``) and gives every new buffer of 128 KiB or
   more its own mapping (``mallopt``), so that memory freed before the step does not hide its peak; ``-``
-  where the kernel or the C library does not offer this. CPU timings run with glibc's mmap threshold fixed at 32 MiB, the value
-  its dynamic threshold settles at in a training loop (the 128 KiB setting would slow a step about 2x
-  with page faults, so it is never on while timing).
+  where the kernel or the C library does not offer this. CPU timings run with glibc's mmap threshold fixed
+  at 32 MiB, the value its dynamic threshold settles at in a training loop (the 128 KiB setting would slow a
+  step about 2x with page faults, so it is never on while timing).
 - ``syncs``: host-device synchronisations in one step. CUDA: warnings of ``torch.cuda.set_sync_debug_mode``.
   CPU (no device to wait for): dispatched ops that would synchronise on a GPU (``_local_scalar_dense``,
   i.e. ``.item()``/``bool()``/``int()`` of a tensor; ``nonzero``; ``multinomial``; ``masked_select``;

@@ -344,3 +344,14 @@ def test_fuse_single_equals_fuse_under_one_modality(class_average: str, heads: i
         "robustness.to_out.weight",
         "robustness.to_out.bias",
     }
+
+
+def test_fuse_single_compiles_without_graph_breaks() -> None:
+    """The MAS branch's closed form traces as one graph (model.compile runs it inside fuse_decode)."""
+    sgf = make_sgf()
+    tokens = sgf.prepare(make_feats(7), PATTERNS).detach()
+    alone = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1, 0, 2, 1]), M).bool()
+    torch._dynamo.reset()
+    compiled = torch.compile(sgf.fuse_single, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens, alone).fused, sgf.fuse_single(tokens, alone).fused)
