@@ -146,22 +146,22 @@ SETTLED_MMAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-
 PEAK_MMAP_THRESHOLD = 128 * 2**10
 
 
-def _set_mmap_threshold(nbytes: int) -> bool:
-    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)``; False where the C library has no such call."""
+def _glibc(name: str, *args: int) -> int | None:
+    """A glibc malloc-tuning call (``mallopt``, ``malloc_trim``); None where the C library has no such function."""
     try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+        return getattr(ctypes.CDLL(None), name)(*args)
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _set_mmap_threshold(nbytes: int) -> bool:
+    return _glibc("mallopt", M_MMAP_THRESHOLD, nbytes) == 1
 
 
 def _release_free_heap() -> bool:
-    """glibc's ``malloc_trim(0)``: give the free pages of the heap back to the OS, so that a step that reuses
-    them shows in the resident set again (a lower mmap threshold alone only affects new heap growth)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
+    """``malloc_trim(0)``: give the free pages of the heap back to the OS, so that a step that reuses them shows in
+    the resident set again (a lower mmap threshold alone only affects new heap growth)."""
+    return _glibc("malloc_trim", 0) is not None
 
 
 def _reset_rss_peak() -> bool:
@@ -296,6 +296,8 @@ class Step:
     """One phase's step in three parts, so the counters can tell them apart: ``forward`` (training_step or
     the inference forward), ``backward`` and ``update`` (the optimizer step)."""
 
+    name: str  # the phase, as in the tables and the JSON
+
     def forward(self, batch: dict):
         raise NotImplementedError
 
@@ -311,6 +313,8 @@ class Step:
 
 
 class TrainStep(Step):
+    name = "train"
+
     def __init__(self, module, optimizer, device: torch.device, precision: str) -> None:
         self.module, self.optimizer, self.device, self.precision = module.train(), optimizer, device, precision
 
@@ -327,6 +331,8 @@ class TrainStep(Step):
 
 
 class InferStep(Step):
+    name = "infer"
+
     def __init__(self, module, device: torch.device, precision: str) -> None:
         self.module, self.device, self.precision = module.eval(), device, precision
 
@@ -335,7 +341,7 @@ class InferStep(Step):
             return self.module(batch)
 
 
-def measure(step: Step, batches: list[dict], device: torch.device, args: argparse.Namespace) -> Phase:
+def measure(step: Step, batches: list[dict], device: torch.device, args: argparse.Namespace, case: str) -> Phase:
     phase = Phase()
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
@@ -374,8 +380,8 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
         phase.ms, phase.host_ms = statistics.median(walls), statistics.median(hosts)
         phase.other_load = None if cuda else load.value
         if cuda or args.profile or args.trace:
-            phase.device_ms, phase.top_ops = profile_step(step, timed[0], device, args)
-            phase.device_ms = phase.device_ms if cuda else None
+            trace = args.trace / f"{case}-{step.name}.json" if args.trace else None
+            phase.device_ms, phase.top_ops = profile_step(step, timed[0], device, top=args.profile, trace=trace)
         with PeakMemory(device) as peak:
             step(timed[0])
         phase.peak_mb = peak.value
@@ -402,35 +408,34 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     return phase
 
 
-def profile_step(step: Step, batch: dict, device: torch.device, args: argparse.Namespace) -> tuple[float, list]:
-    """One step under ``torch.profiler``: the GPU busy time (the sum of its kernels' device time; 0 on CPU) and,
-    with ``--profile N``, the N ops with the most self time (device time on CUDA, CPU time on CPU), grouped by
-    op and input shapes. ``--trace DIR`` also writes the step's Chrome trace there."""
+def profile_step(
+    step: Step, batch: dict, device: torch.device, *, top: int, trace: Path | None
+) -> tuple[float | None, list]:
+    """One step under ``torch.profiler``: the GPU busy time (the sum of its kernels' device time; None on CPU) and
+    the ``top`` ops with the most self time (device time on CUDA, CPU time on CPU), grouped by op and input
+    shapes. ``trace``: also write the step's Chrome trace to that file."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     if cuda:
         torch.cuda.synchronize()
-    with profile(activities=activities, record_shapes=bool(args.profile)) as prof:
+    with profile(activities=activities, record_shapes=top > 0) as prof:
         step(batch)
         if cuda:
             torch.cuda.synchronize()
-    events = prof.key_averages(group_by_input_shape=bool(args.profile))
-    device_ms = sum(e.self_device_time_total for e in events) / 1e3
-    if args.trace:
-        args.trace.mkdir(parents=True, exist_ok=True)
-        phase = type(step).__name__.removesuffix("Step").lower()  # train / infer
-        prof.export_chrome_trace(str(args.trace / f"{args.case}-{phase}.json"))
-    if not args.profile:
-        return device_ms, []
+    events = prof.key_averages(group_by_input_shape=top > 0)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
 
     def self_us(e) -> float:
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
-    top = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[: args.profile]
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3 if cuda else None
+    ranked = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[:top]
     return device_ms, [
-        {"op": e.key, "shapes": str(e.input_shapes), "calls": e.count, "self_ms": self_us(e) / 1e3} for e in top
+        {"op": e.key, "shapes": str(e.input_shapes), "calls": e.count, "self_ms": self_us(e) / 1e3} for e in ranked
     ]
 
 
@@ -447,17 +452,17 @@ def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.N
     module, optimizer, dm = build(preset, backbone, size, batch, args)
     batches = make_batches(dm, size, batch, args.warmup + max(args.iters, 1), device, module)
     result = {"preset": preset, "backbone": backbone, "size": size, "batch": batch}
-    args.case = f"{backbone}-{size}x{batch}-{preset}"  # names --trace files
+    case = f"{backbone}-{size}x{batch}-{preset}"
     if "train" in args.phases:
-        result["train"] = measure(TrainStep(module, optimizer, device, args.precision), batches, device, args)
+        result["train"] = measure(TrainStep(module, optimizer, device, args.precision), batches, device, args, case)
         if hasattr(module, "_check_finite"):  # (a checkout from before the guard has none)
             module._check_finite()  # a diverging random-init step would make the figures meaningless
     if "infer" in args.phases:
         full = [full_batch(b, module) for b in batches]
-        result["infer"] = measure(InferStep(module, device, args.precision), full, device, args)
+        result["infer"] = measure(InferStep(module, device, args.precision), full, device, args, case)
     for phase in ("train", "infer"):
         if args.profile and phase in result:
-            print_top_ops(f"{args.case} {phase}", result[phase])
+            print_top_ops(f"{case} {phase}", result[phase])
     del module, optimizer, batches
     gc.collect()
     if device.type == "cuda":

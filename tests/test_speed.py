@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import bind_to, compose_config
+from conftest import REPO, bind_to, compose_config
 from sgma.modalities import Modality
 from sgma.models import FUSIONS
 from sgma.models.segmentor import MultiModalSegmentor
@@ -178,3 +181,25 @@ def test_diverging_run_stops_with_the_clear_error(tmp_path):
         cfg.dataset.splits.train.num_samples = 16
     with pytest.raises(FloatingPointError, match=r"training loss is \S+ at step [1-3]; lower optimizer.lr or check"):
         train(cfg)
+
+
+def test_bench_step_profiles_and_measures_memory_on_cpu(tmp_path, monkeypatch):
+    """scripts/bench_step.py on a tiny case: the --profile table, the --trace files and the JSON, and a CPU peak
+    memory reading (glibc's mallopt/malloc_trim path), while the timed steps keep the allocator's normal setting."""
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "scripts" / "bench_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_step", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    argv = ["--device", "cpu", "--size", "64", "--batch", "2", "--backbones", "mit_b0", "--presets", "baseline"]
+    argv += ["--warmup", "1", "--iters", "1", "--profile", "3", "--trace", str(tmp_path / "traces")]
+    (result,) = bench.main([*argv, "--out", str(tmp_path / "bench.json")])
+    for phase in ("train", "infer"):
+        assert len(result[phase].top_ops) == 3 and all(op["self_ms"] > 0 for op in result[phase].top_ops)
+        assert result[phase].device_ms is None  # GPU time only on CUDA
+        assert (tmp_path / "traces" / f"mit_b0-64x2-baseline-{phase}.json").stat().st_size > 0
+    if bench._proc_status_kb("VmHWM") is not None and bench._glibc("mallopt", bench.M_MMAP_THRESHOLD, 2**25):
+        assert result["train"].peak_mb > 0
+    saved = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    assert saved["train"]["top_ops"] == result["train"].top_ops
+    with pytest.raises(SystemExit):  # profiling needs a timed step
+        bench.parse_args(["--counts-only", "--profile", "3"])
