@@ -69,7 +69,7 @@ def test_random_sampler_is_deterministic_per_epoch():
 
 def test_grid_sampler_visits_every_pair_once():
     keys = list(PatternGridSampler(4, [0, 5]))
-    assert keys == [(i, p) for p in (0, 5) for i in range(4)]
+    assert keys == [(i, p) for i in range(4) for p in (0, 5)]  # sample-major: a sample's patterns together
 
 
 def make_dm(**kw) -> MultiModalDataModule:
@@ -98,6 +98,53 @@ def test_eval_loader_iterates_every_pattern():
     assert torch.equal(torch.bincount(seen, minlength=7), torch.full((7,), 3))
     subset = torch.cat([b["pattern"] for b in dm.eval_dataloader("test", ["nir", "rgb+nir"])])
     assert set(subset.tolist()) == {PATTERNS.index("nir"), PATTERNS.index("rgb+nir")}
+
+
+class CountingScenes(SyntheticScenes):
+    """Synthetic scenes that count how often each one is rendered."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.reads: list[int] = []
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.reads.append(i)
+        return super().__getitem__(i)
+
+
+def test_eval_reads_each_sample_once_for_all_its_patterns():
+    bases = {}
+
+    def factory(split, num_samples):
+        bases[split] = CountingScenes(split, num_samples=num_samples, image_size=64)
+        return bases[split]
+
+    splits = {"train": {"num_samples": 8}, "val": {"num_samples": 3}, "test": {"num_samples": 3}}
+    dm = MultiModalDataModule(dataset=factory, splits=splits, batch_size=4, eval_batch_size=5)
+    batches = list(dm.val_dataloader())
+    assert bases["val"].reads == [0, 1, 2]  # 21 (sample, pattern) pairs in 5 batches, 3 scene renders
+    keys = [(int(i), int(p)) for b in batches for i, p in zip(b["index"], b["pattern"], strict=True)]
+    assert keys == [(i, p) for i in range(3) for p in range(7)]
+    # the kept sample is never modified: every pattern's copy equals a fresh read under that pattern
+    fresh = CountingScenes("val", num_samples=3, image_size=64)
+    data = dm.dataset("val")
+    for b in batches:
+        for j, (i, p) in enumerate(zip(b["index"].tolist(), b["pattern"].tolist(), strict=True)):
+            raw = fresh[i]
+            assert torch.equal(b["mask"][j], raw["mask"])
+            for name in MODS:
+                if name in PATTERNS[p].split("+"):
+                    mean, std = data.norm[name]
+                    assert torch.allclose(b[name][j], (raw[name] - mean) / std)
+                else:
+                    assert not b[name][j].any()
+    # a consumer writing into a sample cannot reach the kept raw sample that the next pattern reuses
+    first = data[(2, 0)]
+    first["mask"].fill_(0)
+    first["rgb"].fill_(0)
+    again = data[(2, PATTERNS.index("rgb"))]
+    assert bases["val"].reads == [0, 1, 2]  # both served by the sample kept since the loader's last batch
+    assert torch.equal(again["mask"], fresh[2]["mask"]) and again["rgb"].any()
 
 
 def test_datamodule_facts_and_errors():

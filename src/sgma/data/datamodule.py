@@ -43,6 +43,10 @@ class IncompleteModalityDataset(Dataset):
     ``crop_size`` and ``sample(index, epoch, window, names)``: sample ``index`` of ``epoch`` read as a random
     window of side ``window`` (which the augmentation's zoom resizes to ``crop_size``), only for the modalities
     ``names`` (missing ones are never read).
+
+    Evaluation keys of one sample arrive together (:class:`PatternGridSampler` is sample-major), so the last raw
+    evaluation sample is kept and read once for all its patterns, not once per pattern (a tile read and decoded,
+    or a synthetic scene rendered, 2^M - 1 times).
     """
 
     # the augmentation's stream is (seed, epoch, index, AUGMENT_STREAM): apart from the dataset's crop positions,
@@ -64,6 +68,7 @@ class IncompleteModalityDataset(Dataset):
         self.norm = {
             m.name: (torch.tensor(m.mean).view(-1, 1, 1), torch.tensor(m.std).view(-1, 1, 1)) for m in self.modalities
         }
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # (index, raw) of the last evaluation read
 
     def __len__(self) -> int:
         return len(self.base)
@@ -75,7 +80,7 @@ class IncompleteModalityDataset(Dataset):
             present = [m for m, a in zip(self.modalities, available.tolist(), strict=True) if a]
             raw = self._training_sample(index, int(epoch[0]), present)
         else:
-            raw = self.base[index]
+            raw = self._evaluation_sample(index)
         sample: dict[str, torch.Tensor] = {}
         for m, present in zip(self.modalities, available.tolist(), strict=True):
             if present:
@@ -83,11 +88,17 @@ class IncompleteModalityDataset(Dataset):
                 sample[m.name] = ((raw[m.name] - mean) / std).float()
             else:
                 sample[m.name] = torch.zeros(m.channels, *raw["mask"].shape, dtype=torch.float32)
-        sample["mask"] = raw["mask"].long()
+        sample["mask"] = raw["mask"].to(torch.long, copy=True)  # raw may be kept for the sample's next pattern
         sample["available"] = available.clone()
         sample["pattern"] = torch.tensor(pattern_id, dtype=torch.long)
         sample["index"] = torch.tensor(index, dtype=torch.long)  # robustness memory is kept per sample
         return sample
+
+    def _evaluation_sample(self, index: int) -> dict[str, torch.Tensor]:
+        """``base[index]``, read once for consecutive keys of one sample (never modified: outputs are copies)."""
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.base[index])
+        return self._last[1]
 
     def _training_sample(self, index: int, epoch: int, present: list[Modality]) -> dict[str, torch.Tensor]:
         """The raw, augmented modalities ``present`` and mask of training sample ``index`` in ``epoch``."""
@@ -136,7 +147,8 @@ class RandomPatternSampler(EpochSampler):
 
 
 class PatternGridSampler(Sampler[tuple[int, int]]):
-    """Every sample under every listed pattern, pattern-major, in a fixed order.
+    """Every sample under every listed pattern, sample-major (all patterns of sample 0, then of sample 1, ...),
+    in a fixed order: a sample's keys come together, so :class:`IncompleteModalityDataset` reads it once.
 
     Under DDP each rank takes every world-size-th key with no padding, so every (pattern, sample) pair is
     scored exactly once and the summed confusion matrices are exact.
@@ -148,7 +160,7 @@ class PatternGridSampler(Sampler[tuple[int, int]]):
 
     def _keys(self) -> list[tuple[int, int]]:
         rank, world = distributed_rank_and_size()
-        keys = [(index, pid) for pid in self.pattern_ids for index in range(self.num_samples)]
+        keys = [(index, pid) for index in range(self.num_samples) for pid in self.pattern_ids]
         return keys[rank::world]
 
     def __len__(self) -> int:
