@@ -261,21 +261,35 @@ def test_sgf_robustness_through_the_model():
 
 @pytest.mark.parametrize("backbone", ["mit_b0", "resnet18"])
 def test_channels_last_gives_the_same_model(backbone):
-    """model.channels_last=true changes the memory layout of the encoder and head, not the numbers."""
+    """model.channels_last=true changes the memory layout of the encoder, the head and SGF's projectors (at every
+    scale, as on a GPU), not the numbers: same outputs, and in training the same gradients."""
+    from sgma.models.sgf import projector_channels_last
+
+    kw = dict(modalities=MODS, num_classes=6, backbone=backbone, fusion="sgf", decoder_channels=32, dropout=0.0)
     torch.manual_seed(0)
-    net = MultiModalSegmentor(modalities=MODS, num_classes=6, backbone=backbone, fusion="sgf", decoder_channels=32)
+    net = MultiModalSegmentor(**kw)
     torch.manual_seed(0)
-    fast = MultiModalSegmentor(
-        modalities=MODS, num_classes=6, backbone=backbone, fusion="sgf", decoder_channels=32, channels_last=True
-    )
+    fast = MultiModalSegmentor(**kw, channels_last=True)
     conv = next(m for m in fast.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(f.channels_last for f in fast.fusion) and not any(f.channels_last for f in net.fusion)
+    small = torch.zeros(2, 6, 4, 4)  # the stride-32 map of a 128 px crop
+    assert projector_channels_last(small, True) and not projector_channels_last(small, False)
+    # without the option a GPU keeps NCHW (a meta tensor stands for a non-CPU device); the CPU goes by map size
+    assert not projector_channels_last(small.to("meta"), False) and projector_channels_last(small.to("meta"), True)
+    assert projector_channels_last(torch.zeros(2, 6, 16, 16), False)
     net.eval()
     fast.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(inputs(7), MASKS).logits, net(inputs(7), MASKS).logits, atol=1e-4, rtol=1e-4)
-    fast.train()
-    fast(inputs(7), MASKS).logits.mean().backward()  # and it trains
+    # gradients in float64: in float32 batch-statistics BN on small maps amplifies the layouts' rounding differences
+    for model in (net, fast):
+        model.double().train()
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        model({k: v.double() for k, v in inputs(7).items()}, MASKS).logits.square().mean().backward()
+    for (name, a), b in zip(net.named_parameters(), fast.parameters(), strict=True):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -37,6 +37,9 @@ class Fusion(nn.Module):
     """Base class: stores the sizes and checks the inputs. Subclasses implement :meth:`fuse` and may
     override :meth:`prepare`."""
 
+    # run the fusion's own convolutions channels-last (set from ``model.channels_last`` by the segmentor)
+    channels_last: bool = False
+
     def __init__(self, *, in_channels: int, num_modalities: int, num_classes: int) -> None:
         super().__init__()
         self.in_channels = in_channels

@@ -88,6 +88,13 @@ DEFAULT_MAX_EMBED_DIM = 512
 CPU_CHANNELS_LAST_MIN_PIXELS = 256
 
 
+def projector_channels_last(x: Tensor, requested: bool) -> bool:
+    """Whether the projectors' convolutions run channels-last: always when ``model.channels_last=true`` (on a GPU
+    only then does the depthwise conv reach cuDNN: PyTorch sends NCHW bf16/fp32 depthwise convs to its own
+    generic kernels), else on CPU from :data:`CPU_CHANNELS_LAST_MIN_PIXELS`."""
+    return requested or (x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= CPU_CHANNELS_LAST_MIN_PIXELS)
+
+
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bf16 (a bf16 softmax loses the 1-sum), the input dtype otherwise (float64 stays)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -195,10 +202,10 @@ class ModalityProjectors(nn.Module):
             self.register_parameter(name, nn.Parameter(stacked))
         self.register_load_state_dict_pre_hook(_load_per_modality_projectors)
 
-    def forward(self, feats: Tensor, available: Tensor) -> Tensor:
+    def forward(self, feats: Tensor, available: Tensor, *, channels_last: bool = False) -> Tensor:
         b, m, c, h, w = feats.shape
         x = zero_missing(feats, available).reshape(b, m * c, h, w)
-        if x.device.type == "cpu" and h * w >= CPU_CHANNELS_LAST_MIN_PIXELS:
+        if projector_channels_last(x, channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         weights = [getattr(self, f"kernel{j}_weight") for j in range(len(self.kernel_sizes))]
         biases = [getattr(self, f"kernel{j}_bias") for j in range(len(self.kernel_sizes))]
@@ -459,7 +466,7 @@ class SemanticGuidedFusion(Fusion):
 
     def prepare(self, feats: Tensor, available: Tensor) -> Tensor:
         """Modality tokens (B, D, M, H, W); a missing slot is projected from zeros (finite, never used)."""
-        return self.projectors(feats, available)
+        return self.projectors(feats, available, channels_last=self.channels_last)
 
     def class_weights(self, class_maps: Tensor, available: Tensor, missing: Tensor) -> Tensor | None:
         """Per-pixel weights of the K class queries in SP, summing to 1 over K: (B, K, H, W), or None for the
