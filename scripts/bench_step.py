@@ -38,6 +38,10 @@ Per phase and preset:
   shape the timed steps use (:meth:`~sgma.models.segmentor.MultiModalSegmentor.plan_encoding`), so it holds
   the compile time and no timed step compiles. Under ``--compile`` ``ops`` are not counted (a dispatch mode
   makes dynamo fall back to eager), only CUDA syncs.
+- ``step_ms`` and ``new_shape`` (JSON; summed up on the ``# done:`` line): every timed step's wall time, and
+  whether its packed encoder batch (the available slots, 8 to 24 for 3 modalities x 8 samples) had a size not met
+  before in the phase. Eager mode runs each size as a new shape, and a GPU library may set kernels up per shape
+  (e.g. cuDNN execution plans): a training run pays that once per size, so it shows up as slow new-size steps.
 - ``x``: the ratio to the baseline preset of the same backbone and size, in the same run.
 - ``other load`` (CPU runs): cores used by other processes during the timed steps (``/proc/stat``); on a
   shared machine, rows with a high value have unreliable times. Ops and syncs do not depend on it.
@@ -283,6 +287,8 @@ class Phase:
     step_ops: int = 0  # forward alone (training_step for train)
     step_syncs: int = 0
     warmup_s: float = float("nan")  # the warm-up steps (with --compile: compiling every packed shape first)
+    step_ms: list = field(default_factory=list)  # every timed step's wall time, in order
+    new_shape: list = field(default_factory=list)  # per timed step: its packed encoder batch size was new
     top_ops: list = field(default_factory=list)  # --profile N: the N ops with the most self time in one step
 
 
@@ -357,6 +363,11 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
         torch.cuda.synchronize()
     phase.warmup_s = time.perf_counter() - t0
     timed = batches[args.warmup : args.warmup + args.iters]
+    # sizes met before the timed steps (under --compile every size was compiled in the warm-up)
+    seen = {packed_size(b) for b in (batches if args.compile else batches[: args.warmup])}
+    for batch in timed:
+        phase.new_shape.append(packed_size(batch) not in seen)
+        seen.add(packed_size(batch))
     if not args.counts_only:
         walls, hosts = [], []
         load = OtherLoad().__enter__()
@@ -378,6 +389,7 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
                 hosts.append((time.process_time() - c0) * 1e3)
         load.__exit__()
         phase.ms, phase.host_ms = statistics.median(walls), statistics.median(hosts)
+        phase.step_ms = walls
         phase.other_load = None if cuda else load.value
         if cuda or args.profile or args.trace:
             trace = args.trace / f"{case}-{step.name}.json" if args.trace else None
@@ -406,6 +418,22 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     phase.step_syncs = cuda_syncs[0] if cuda else counted[0]
     phase.sync_ops = dict(fwd.syncs + bwd.syncs + upd.syncs)
     return phase
+
+
+def packed_size(batch: dict) -> int:
+    """How many (sample, modality) slots the shared encoder runs on for this batch (its input's batch size)."""
+    return int(batch["encode_index"].shape[-1]) if "encode_index" in batch else -1
+
+
+def new_shape_cost(phase: Phase) -> str | None:
+    """Timed steps whose packed encoder batch size the phase met for the first time against the others (medians):
+    in eager mode a GPU library may set up kernels per new shape (e.g. cuDNN execution plans), which a training
+    run pays once per size."""
+    new = [ms for ms, is_new in zip(phase.step_ms, phase.new_shape, strict=True) if is_new]
+    old = [ms for ms, is_new in zip(phase.step_ms, phase.new_shape, strict=True) if not is_new]
+    if not new or not old:
+        return None
+    return f"{len(new)} steps at a new packed size {statistics.median(new):.1f} ms vs {statistics.median(old):.1f} ms"
 
 
 def profile_step(
@@ -640,6 +668,8 @@ def _one_line(result: dict) -> str:
         if phase in result:
             p = result[phase]
             parts.append(f"{phase} {fmt(p.ms)} ms (host {fmt(p.host_ms)}, warm-up {fmt(p.warmup_s)} s)")
+            if new_shape_cost(p):
+                parts.append(f"{phase}: {new_shape_cost(p)}")
     return ", ".join(parts)
 
 

@@ -191,7 +191,7 @@ def test_bench_step_profiles_and_measures_memory_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bench_step", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     argv = ["--device", "cpu", "--size", "64", "--batch", "2", "--backbones", "mit_b0", "--presets", "baseline"]
-    argv += ["--warmup", "1", "--iters", "1", "--profile", "3", "--trace", str(tmp_path / "traces")]
+    argv += ["--warmup", "1", "--iters", "3", "--profile", "3", "--trace", str(tmp_path / "traces")]
     (result,) = bench.main([*argv, "--out", str(tmp_path / "bench.json")])
     for phase in ("train", "infer"):
         assert len(result[phase].top_ops) == 3 and all(op["self_ms"] > 0 for op in result[phase].top_ops)
@@ -201,5 +201,13 @@ def test_bench_step_profiles_and_measures_memory_on_cpu(tmp_path, monkeypatch):
         assert result["train"].peak_mb > 0
     saved = json.loads((tmp_path / "bench.json").read_text())["results"][0]
     assert saved["train"]["top_ops"] == result["train"].top_ops
+    # every timed step's time, and which of them met a packed encoder size for the first time
+    module, _, dm = bench.build("baseline", "mit_b0", 64, 2, bench.parse_args(argv))
+    sizes = [bench.packed_size(b) for b in bench.make_batches(dm, 64, 2, 4, torch.device("cpu"), module)]
+    assert saved["train"]["new_shape"] == [sizes[i] not in sizes[:i] for i in range(1, 4)]
+    assert len(saved["train"]["step_ms"]) == 3 and min(saved["train"]["step_ms"]) > 0
+    assert saved["infer"]["new_shape"] == [False] * 3  # every modality: one packed size, met in the warm-up
+    phase = bench.Phase(step_ms=[10.0, 30.0, 12.0], new_shape=[False, True, False])
+    assert bench.new_shape_cost(phase) == "1 steps at a new packed size 30.0 ms vs 11.0 ms"
     with pytest.raises(SystemExit):  # profiling needs a timed step
         bench.parse_args(["--counts-only", "--profile", "3"])
