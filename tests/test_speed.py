@@ -142,17 +142,51 @@ def test_compiled_segmentor_compiles_once_per_packed_size():
     assert counters["stats"]["unique_graphs"] == 3 + 1  # features once per packed size, fuse_decode once
 
 
-def test_train_with_model_compile(tmp_path):
-    """model.compile=true through train(): the compiled stages run in training (the MAS branch re-fusing
-    the prepared features under its own availability included), validation and test. SGF's graph is
-    checked above; mean fusion keeps dynamo's tracing short here."""
-    overrides = ["debug=tiny", "logger=csv", "model=mas_only", "model.compile=true"]
+def test_compile_train_compiles_training_passes_only():
+    """model.compile=train: training-mode passes run the compiled stages (the packed batch padded), evaluation runs
+    eager and compiles nothing; both compute what the eager model does."""
+    mods = [Modality("rgb", 3, (0.0,) * 3, (1.0,) * 3), Modality("dsm", 1, (0.0,), (1.0,))]
+    options = {"modalities": mods, "num_classes": 4, "backbone": "mit_b0", "fusion": "sgf", "decoder_channels": 16}
+    torch.manual_seed(0)
+    eager = MultiModalSegmentor(**options, dropout=0.0)
+    net = MultiModalSegmentor(**options, dropout=0.0, compile="train", compile_options={"backend": "eager"})
+    net.load_state_dict(eager.state_dict())
+    available = torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool)
+    x = {m.name: torch.randn(3, m.channels, 64, 64) for m in mods}
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for model in (eager, net):
+        model.eval()
+    assert not net.compiled and net.plan_encoding(available).shape[1] == 4  # eval: no padding
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, available).logits, eager(x, available).logits)
+    assert counters["stats"]["unique_graphs"] == 0
+    for model in (eager, net):
+        model.train()
+    assert net.compiled and net.plan_encoding(available).shape[1] == 6  # padded to a multiple of the batch
+    plan = net.plan_encoding(available)  # the same rows encoded: the same stochastic-depth draws per row
+    torch.manual_seed(1)
+    expected = eager(x, available, encode_index=plan).logits
+    torch.manual_seed(1)
+    torch.testing.assert_close(net(x, available, encode_index=plan).logits, expected)
+    assert counters["stats"]["unique_graphs"] == 2  # features and fuse_decode, once each
+    with pytest.raises(ValueError, match=r"model\.compile must be false, true or train, got 'eval'"):
+        MultiModalSegmentor(**options, compile="eval")
+
+
+@pytest.mark.parametrize("mode", ["true", "train"])
+def test_train_with_model_compile(tmp_path, mode):
+    """model.compile=true|train through train(): the compiled stages run in training (the MAS branch re-fusing
+    the prepared features under its own availability included), and with true in validation and test. SGF's
+    graph is checked above; mean fusion keeps dynamo's tracing short here."""
+    overrides = ["debug=tiny", "logger=csv", "model=mas_only", f"model.compile={mode}"]
     cfg = bind_to(compose_config("train", [*overrides, "++model.compile_options.backend=eager"]), tmp_path)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     metrics, objects = train(cfg)
-    assert objects["module"].net.compiled
+    assert objects["module"].net.compile_mode == {"true": "all", "train": "train"}[mode]
     assert 0 <= metrics["test/avg/miou"] <= 1
     assert counters["stats"]["unique_graphs"] > 0  # the compiled stages did run
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"

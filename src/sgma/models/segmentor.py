@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,9 @@ from sgma.models import build_fusion
 from sgma.models.encoder import MultiModalEncoder, packing_index
 from sgma.models.fusion import check_inputs
 from sgma.models.head import SegFormerHead
+
+# model.compile: off, both stages always, or both stages in training mode only (evaluation eager)
+COMPILE_MODES = (False, True, "train")
 
 
 @dataclass
@@ -32,7 +35,9 @@ class MultiModalSegmentor(nn.Module):
     packing index is given (see :func:`sgma.models.encoder.packing_index`).
 
     ``compile=True`` wraps both stages in ``torch.compile`` (keyword arguments from ``compile_options``, e.g.
-    ``{backend: aot_eager}`` or ``{mode: max-autotune}``); parameters and state-dict keys stay those of the
+    ``{backend: aot_eager}`` or ``{mode: max-autotune}``); ``compile="train"`` only while the module is in
+    training mode, so evaluation runs eager and compiles nothing (each mode, packed size and batch size is a
+    graph of its own; evaluation is a small share of a run). Parameters and state-dict keys stay those of the
     eager model. ``channels_last=True`` stores the encoder's and the head's conv weights channels-last, which
     suits tensor cores under bf16 on GPUs, and runs the fusions' convolutions channels-last (SGF's depthwise
     projectors then run in cuDNN instead of PyTorch's generic depthwise kernels).
@@ -51,7 +56,7 @@ class MultiModalSegmentor(nn.Module):
         input_adapter: str = "replicate",
         decoder_channels: int = 256,
         dropout: float = 0.1,
-        compile: bool = False,
+        compile: bool | str = False,
         compile_options: Mapping | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -84,15 +89,25 @@ class MultiModalSegmentor(nn.Module):
             self.head.to(memory_format=torch.channels_last)
             for fusion in self.fusion:
                 fusion.channels_last = True
-        self.compiled = bool(compile)
-        if self.compiled:  # instance attributes shadow the methods; the parameters stay the module's own
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
+        self.compile_mode = {False: None, True: "all", "train": "train"}[compile]
+        self._compiled_stages: dict[str, Callable] = {}
+        if self.compile_mode:  # the compiled stages call the eager ones: parameters stay the module's own
             # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
             # a dynamic packed dimension recompiles into a graph that inductor (torch 2.11-2.13) fails on.
             options = {"dynamic": False, **dict(compile_options or {})}
             # train/eval x M packed sizes x a few batch sizes per stage: more than dynamo's default of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.features = torch.compile(self.features, **options)
-            self.fuse_decode = torch.compile(self.fuse_decode, **options)
+            self._compiled_stages = {
+                "features": torch.compile(self._features, **options),
+                "fuse_decode": torch.compile(self._fuse_decode, **options),
+            }
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the stages run compiled now (``compile="train"``: in training mode only)."""
+        return self.compile_mode == "all" or (self.compile_mode == "train" and self.training)
 
     def forward(
         self,
@@ -110,14 +125,20 @@ class MultiModalSegmentor(nn.Module):
 
     def plan_encoding(self, available: Tensor) -> Tensor:
         """The shared encoder's packing plan for ``available`` (:func:`~sgma.models.encoder.packing_index`),
-        padded to a multiple of the batch size when compiled. Reads ``available`` on the host: call it where
-        the availability is on the CPU (the training module does so before the batch moves to the device)."""
+        padded to a multiple of the batch size when the stages run compiled. Reads ``available`` on the host: call it
+        where the availability is on the CPU (the training module does so before the batch moves to the device)."""
         return packing_index(available, multiple=available.shape[0] if self.compiled else 1)
 
     def features(
         self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
     ) -> list[Tensor]:
         """Encoder features of every scale, prepared for fusion (e.g. SGF's modality tokens)."""
+        run = self._compiled_stages["features"] if self.compiled else self._features
+        return run(inputs, available, encode_index)
+
+    def _features(
+        self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
+    ) -> list[Tensor]:
         return self.prepare(self.encode(inputs, available, encode_index), available)
 
     def encode(
@@ -147,6 +168,18 @@ class MultiModalSegmentor(nn.Module):
         here, as that would wait for the device) and decode. ``single=True``: ``available`` holds exactly one
         modality per sample (the MAS branch), which fusions may fuse in an exact closed form
         (:meth:`~sgma.models.fusion.Fusion.fuse_single`; no robustness maps)."""
+        run = self._compiled_stages["fuse_decode"] if self.compiled else self._fuse_decode
+        return run(prepared, available, out_size, return_robustness=return_robustness, single=single)
+
+    def _fuse_decode(
+        self,
+        prepared: Sequence[Tensor],
+        available: Tensor,
+        out_size: tuple[int, int],
+        *,
+        return_robustness: bool = False,
+        single: bool = False,
+    ) -> SegmentorOutput:
         fused, robustness = [], []
         for fusion, p in zip(self.fusion, prepared, strict=True):
             if single:
