@@ -5,7 +5,8 @@
   ``nonzero``, ``multinomial``, boolean-mask indexing, ...). ``scripts/bench_step.py`` counts the same way.
 - Few ops: SGMA's training step and SGF's inference stay within the issue's op-count budgets.
 - ``torch.compile`` sees one graph per model forward for every fusion (``fullgraph=True``, backend
-  ``eager``: dynamo's tracing is what is checked, without paying for code generation).
+  ``eager``: dynamo's tracing is what is checked, without paying for code generation), and every compiled graph
+  passes the checks of the ``cudagraphs`` backend (traced on the meta device, which stands for the GPU).
 - A diverging run stops with the clear FloatingPointError, whatever the preset.
 """
 
@@ -140,6 +141,64 @@ def test_compiled_segmentor_compiles_once_per_packed_size():
             torch.testing.assert_close(compiled(x, available).logits, eager(x, available).logits)
     assert sizes == {4, 8, 12}  # 4..12 available slots in a batch of 4 with 3 modalities
     assert counters["stats"]["unique_graphs"] == 3 + 1  # features once per packed size, fuse_decode once
+
+
+@pytest.mark.parametrize("preset", ["sgma", "muss"])
+def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path, preset):
+    """`+model.compile_options.backend=cudagraphs` checks every graph before it captures it and silently runs
+    the graph eager if it writes into an input other than the parameters, holds a data-dependent shape or a tensor
+    on the CPU. Its own check, run here on the meta device (no compute; a tensor made on the CPU inside the model,
+    e.g. a torch.tensor(...) without device, shows up as a CPU node), for every graph of a training step (forward
+    and backward, the MAS branch's included) and of inference: none would be skipped on a GPU."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.cudagraphs import (
+        check_for_mutation_ignore_cuda_graph_managed_tensor,
+        get_device_node_mapping,
+    )
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.utils import count_tangents, get_first_incompatible_cudagraph_node, num_fw_fixed_arguments
+
+    found = []
+
+    def skip_reason(gm, fixed: int) -> str | None:
+        """The backend's check_for_skip, with the meta device standing for the one GPU it wants."""
+        devices = sorted(str(d) for d in get_device_node_mapping(gm) if d.type != "meta")
+        if devices:
+            return f"tensors on {devices}"
+        if mutation := check_for_mutation_ignore_cuda_graph_managed_tensor(gm, fixed):
+            return mutation
+        node = get_first_incompatible_cudagraph_node(gm)
+        return node and f"incompatible op {node.format_node()}"
+
+    def backend(gm, example_inputs):
+        def forward(aot_gm, inputs, kind="forward"):
+            found.append((kind, skip_reason(aot_gm, num_fw_fixed_arguments(len(example_inputs), len(inputs)))))
+            return boxed_nop(aot_gm, inputs)
+
+        def backward(aot_gm, inputs):
+            found.append(("backward", skip_reason(aot_gm, count_tangents(aot_gm))))
+            return boxed_nop(aot_gm, inputs)
+
+        inference = lambda aot_gm, inputs: forward(aot_gm, inputs, "inference")  # noqa: E731
+        return aot_autograd(fw_compiler=forward, bw_compiler=backward, inference_compiler=inference)(gm, example_inputs)
+
+    dm, module = _module(tmp_path, preset, "model.compile=true")
+    module.net._compiled_stages = {  # the model's own compiled stages, with the checking backend
+        name: torch.compile(getattr(module.net, f"_{name}"), backend=backend, dynamic=False)
+        for name in ("features", "fuse_decode")
+    }
+    batch = _batch(dm, module, MIXED)
+    full = _batch(dm, module, [len(dm.patterns) - 1] * 4)
+    module.to("meta")
+    torch._dynamo.reset()
+    module.train()
+    module.training_step({k: v.to("meta") for k, v in batch.items()}, 0)["loss"].backward()
+    module.eval()
+    with torch.inference_mode():
+        module({k: v.to("meta") for k, v in full.items()})
+    kinds = [kind for kind, _ in found]
+    assert kinds.count("forward") == kinds.count("backward") >= 2 and kinds.count("inference") == 2, kinds
+    assert all(skip is None for _, skip in found), found
 
 
 def test_compile_train_compiles_training_passes_only():
