@@ -143,8 +143,7 @@ def test_compiled_segmentor_compiles_once_per_packed_size():
     assert counters["stats"]["unique_graphs"] == 3 + 1  # features once per packed size, fuse_decode once
 
 
-@pytest.mark.parametrize("preset", ["sgma", "muss"])
-def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path, preset):
+def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path):
     """`+model.compile_options.backend=cudagraphs` checks every graph before it captures it and silently runs
     the graph eager if it writes into an input other than the parameters, holds a data-dependent shape or a tensor
     on the CPU. Its own check, run here on the meta device (no compute; a tensor made on the CPU inside the model,
@@ -182,7 +181,7 @@ def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path, preset):
         inference = lambda aot_gm, inputs: forward(aot_gm, inputs, "inference")  # noqa: E731
         return aot_autograd(fw_compiler=forward, bw_compiler=backward, inference_compiler=inference)(gm, example_inputs)
 
-    dm, module = _module(tmp_path, preset, "model.compile=true")
+    dm, module = _module(tmp_path, "sgma", "model.compile=true")
     module.net._compiled_stages = {  # the model's own compiled stages, with the checking backend
         name: torch.compile(getattr(module.net, f"_{name}"), backend=backend, dynamic=False)
         for name in ("features", "fuse_decode")
@@ -234,18 +233,17 @@ def test_compile_train_compiles_training_passes_only():
         MultiModalSegmentor(**options, compile="eval")
 
 
-@pytest.mark.parametrize("mode", ["true", "train"])
-def test_train_with_model_compile(tmp_path, mode):
-    """model.compile=true|train through train(): the compiled stages run in training (the MAS branch re-fusing
-    the prepared features under its own availability included), and with true in validation and test. SGF's
-    graph is checked above; mean fusion keeps dynamo's tracing short here."""
-    overrides = ["debug=tiny", "logger=csv", "model=mas_only", f"model.compile={mode}"]
+def test_train_with_model_compile(tmp_path):
+    """model.compile=true through train(): the compiled stages run in training (the MAS branch re-fusing
+    the prepared features under its own availability included), validation and test. SGF's graph is
+    checked above; mean fusion keeps dynamo's tracing short here."""
+    overrides = ["debug=tiny", "logger=csv", "model=mas_only", "model.compile=true"]
     cfg = bind_to(compose_config("train", [*overrides, "++model.compile_options.backend=eager"]), tmp_path)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     metrics, objects = train(cfg)
-    assert objects["module"].net.compile_mode == {"true": "all", "train": "train"}[mode]
+    assert objects["module"].net.compile_mode == "all"
     assert 0 <= metrics["test/avg/miou"] <= 1
     assert counters["stats"]["unique_graphs"] > 0  # the compiled stages did run
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
