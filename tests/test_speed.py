@@ -183,7 +183,7 @@ def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path):
 
     dm, module = _module(tmp_path, "sgma", "model.compile=true")
     module.net._compiled_stages = {  # the model's own compiled stages, with the checking backend
-        name: torch.compile(getattr(module.net, f"_{name}"), backend=backend, dynamic=False)
+        name: torch.compile(getattr(module.net, name), backend=backend, dynamic=False)
         for name in ("features", "fuse_decode")
     }
     batch = _batch(dm, module, MIXED)

@@ -93,15 +93,15 @@ class MultiModalSegmentor(nn.Module):
             raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
         self.compile_mode = {False: None, True: "all", "train": "train"}[compile]
         self._compiled_stages: dict[str, Callable] = {}
-        if self.compile_mode:  # the compiled stages call the eager ones: parameters stay the module's own
+        if self.compile_mode:  # the compiled stages trace the methods themselves: parameters stay the module's own
             # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
             # a dynamic packed dimension recompiles into a graph that inductor (torch 2.11-2.13) fails on.
             options = {"dynamic": False, **dict(compile_options or {})}
             # train/eval x M packed sizes x a few batch sizes per stage: more than dynamo's default of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled_stages = {
-                "features": torch.compile(self._features, **options),
-                "fuse_decode": torch.compile(self._fuse_decode, **options),
+                "features": torch.compile(self.features, **options),
+                "fuse_decode": torch.compile(self.fuse_decode, **options),
             }
 
     @property
@@ -133,12 +133,8 @@ class MultiModalSegmentor(nn.Module):
         self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
     ) -> list[Tensor]:
         """Encoder features of every scale, prepared for fusion (e.g. SGF's modality tokens)."""
-        run = self._compiled_stages["features"] if self.compiled else self._features
-        return run(inputs, available, encode_index)
-
-    def _features(
-        self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
-    ) -> list[Tensor]:
+        if not torch.compiler.is_compiling() and self.compiled:  # the compiled stage traces this very method
+            return self._compiled_stages["features"](inputs, available, encode_index)
         return self.prepare(self.encode(inputs, available, encode_index), available)
 
     def encode(
@@ -168,18 +164,9 @@ class MultiModalSegmentor(nn.Module):
         here, as that would wait for the device) and decode. ``single=True``: ``available`` holds exactly one
         modality per sample (the MAS branch), which fusions may fuse in an exact closed form
         (:meth:`~sgma.models.fusion.Fusion.fuse_single`; no robustness maps)."""
-        run = self._compiled_stages["fuse_decode"] if self.compiled else self._fuse_decode
-        return run(prepared, available, out_size, return_robustness=return_robustness, single=single)
-
-    def _fuse_decode(
-        self,
-        prepared: Sequence[Tensor],
-        available: Tensor,
-        out_size: tuple[int, int],
-        *,
-        return_robustness: bool = False,
-        single: bool = False,
-    ) -> SegmentorOutput:
+        if not torch.compiler.is_compiling() and self.compiled:
+            stage = self._compiled_stages["fuse_decode"]
+            return stage(prepared, available, out_size, return_robustness=return_robustness, single=single)
         fused, robustness = [], []
         for fusion, p in zip(self.fusion, prepared, strict=True):
             if single:
