@@ -233,6 +233,13 @@ def test_compile_train_compiles_training_passes_only():
         MultiModalSegmentor(**options, compile="eval")
 
 
+def test_compile_train_from_the_config(tmp_path):
+    """`python train.py model.compile=train` reaches the segmentor as that mode."""
+    _, module = _module(tmp_path, "sgf_only", "model.compile=train")
+    assert module.net.compile_mode == "train" and module.net.compiled  # a new module is in training mode
+    assert not module.net.eval().compiled
+
+
 def test_train_with_model_compile(tmp_path):
     """model.compile=true through train(): the compiled stages run in training (the MAS branch re-fusing
     the prepared features under its own availability included), validation and test. SGF's graph is
