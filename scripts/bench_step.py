@@ -668,8 +668,8 @@ def _one_line(result: dict) -> str:
         if phase in result:
             p = result[phase]
             parts.append(f"{phase} {fmt(p.ms)} ms (host {fmt(p.host_ms)}, warm-up {fmt(p.warmup_s)} s)")
-            if new_shape_cost(p):
-                parts.append(f"{phase}: {new_shape_cost(p)}")
+            if cost := new_shape_cost(p):
+                parts.append(f"{phase}: {cost}")
     return ", ".join(parts)
 
 

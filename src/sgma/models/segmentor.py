@@ -15,8 +15,8 @@ from sgma.models.encoder import MultiModalEncoder, packing_index
 from sgma.models.fusion import check_inputs
 from sgma.models.head import SegFormerHead
 
-# model.compile: off, both stages always, or both stages in training mode only (evaluation eager)
-COMPILE_MODES = (False, True, "train")
+# model.compile -> when the stages run compiled: never, always, or in training mode only (evaluation eager)
+COMPILE_MODES = {False: None, True: "all", "train": "train"}
 
 
 @dataclass
@@ -91,7 +91,7 @@ class MultiModalSegmentor(nn.Module):
                 fusion.channels_last = True
         if compile not in COMPILE_MODES:
             raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
-        self.compile_mode = {False: None, True: "all", "train": "train"}[compile]
+        self.compile_mode = COMPILE_MODES[compile]
         self._compiled_stages: dict[str, Callable] = {}
         if self.compile_mode:  # the compiled stages trace the methods themselves: parameters stay the module's own
             # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
