@@ -105,6 +105,29 @@ def test_packing_index_padded_to_a_multiple():
         torch.testing.assert_close(net(x, MASKS, encode_index=index).logits, net(x, MASKS).logits)
 
 
+def test_pack_multiple_bounds_the_encoder_shapes_in_eager_mode():
+    """model.pack_multiple=N pads the packed batch of an eager model, in training and evaluation: at most B*M/N
+    encoder shapes, the same outputs as without padding; bad values are refused with the fix."""
+    torch.manual_seed(0)
+    options = {"modalities": MODS, "num_classes": 6, "backbone": "mit_b0", "fusion": "sgf", "decoder_channels": 32}
+    plain = MultiModalSegmentor(**options).eval()
+    padded = MultiModalSegmentor(**options, pack_multiple=4).eval()
+    padded.load_state_dict(plain.state_dict())
+    sizes = set()
+    for seed, rows in enumerate(([0, 1, 2, 3], [6, 6, 6, 5], [6, 3, 1, 0], [3, 4, 5, 6])):
+        available = MASKS[rows]
+        assert plain.plan_encoding(available).shape[1] == int(available.sum())
+        sizes.add(padded.plan_encoding(available).shape[1])
+        x = inputs(4, seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(padded(x, available).logits, plain(x, available).logits)
+    assert sizes == {8, 12}  # 5, 11, 7 and 9 available slots
+    assert padded.train().plan_encoding(MASKS[[0, 1, 2, 3]]).shape[1] == 8  # training pads the same way
+    for bad in (0, -8, True, 2.5, "8"):
+        with pytest.raises(ValueError, match=r"model\.pack_multiple must be null or a positive integer, got .*e\.g\."):
+            MultiModalSegmentor(**options, pack_multiple=bad)
+
+
 def test_unknown_fusion():
     with pytest.raises(ValueError, match=r"unknown fusion 'sum'.*mean, concat, sgf"):
         build_fusion("sum", in_channels=[4], num_modalities=2, num_classes=2)

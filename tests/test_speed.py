@@ -240,6 +240,15 @@ def test_compile_train_from_the_config(tmp_path):
     assert not module.net.eval().compiled
 
 
+def test_pack_multiple_from_the_config(tmp_path):
+    """`python train.py model.pack_multiple=3` pads the plan that the training module makes before the transfer."""
+    dm, module = _module(tmp_path, "sgma", "model.pack_multiple=3")
+    assert module.net.pack_multiple == 3 and not module.net.compiled
+    batch = _batch(dm, module, MIXED)  # 3 + 2 + 1 + 1 = 7 available slots
+    assert batch["encode_index"].shape[1] == 9
+    module.training_step(batch, 0)["loss"].backward()
+
+
 def test_train_with_model_compile(tmp_path):
     """model.compile=true through train(): the compiled stages run in training (the MAS branch re-fusing
     the prepared features under its own availability included), validation and test. SGF's graph is

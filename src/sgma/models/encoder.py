@@ -124,7 +124,8 @@ def packing_index(available: Tensor, multiple: int = 1) -> Tensor:
     ``multiple`` > 1 pads N up to a multiple of it (the batch size, for ``torch.compile``: at most M packed
     shapes, each compiled once, instead of a new graph for every count of available slots). The padding
     re-encodes available slots (never a missing one, whose input may hold anything) and sends them to the
-    scratch row ``B * M``, which the encoder drops.
+    scratch row ``B * M``, which the encoder drops. The output is unchanged, except that a BatchNorm encoder
+    (``backbone=resnet``) in training mode counts the re-encoded slots twice in its batch statistics.
     """
     check_every_sample_has_one(available)
     slots = available.reshape(-1).nonzero().squeeze(1)

@@ -38,8 +38,11 @@ class MultiModalSegmentor(nn.Module):
     ``{backend: aot_eager}`` or ``{mode: max-autotune}``); ``compile="train"`` only while the module is in
     training mode, so evaluation runs eager and compiles nothing (each mode, packed size and batch size is a
     graph of its own; evaluation is a small share of a run). Parameters and state-dict keys stay those of the
-    eager model. ``channels_last=True`` stores the encoder's and the head's conv weights channels-last, which
-    suits tensor cores under bf16 on GPUs, and runs the fusions' convolutions channels-last (SGF's depthwise
+    eager model. ``pack_multiple=N`` pads the packed encoder batch to a multiple of N in eager mode too (see
+    :meth:`plan_encoding`): the encoder then meets at most ``ceil(B*M/N)`` batch shapes, which bounds per-shape
+    set-up on a GPU (``trainer.benchmark=true`` autotuning, cuDNN execution plans) at the cost of re-encoding up to
+    N-1 slots per batch. ``channels_last=True`` stores the encoder's and the head's conv weights channels-last,
+    which suits tensor cores under bf16 on GPUs, and runs the fusions' convolutions channels-last (SGF's depthwise
     projectors then run in cuDNN instead of PyTorch's generic depthwise kernels).
     """
 
@@ -59,6 +62,7 @@ class MultiModalSegmentor(nn.Module):
         compile: bool | str = False,
         compile_options: Mapping | None = None,
         channels_last: bool = False,
+        pack_multiple: int | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
@@ -92,6 +96,12 @@ class MultiModalSegmentor(nn.Module):
         if compile not in COMPILE_MODES:
             raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
         self.compile_mode = COMPILE_MODES[compile]
+        if pack_multiple is not None and (type(pack_multiple) is not int or pack_multiple < 1):
+            raise ValueError(
+                f"model.pack_multiple must be null or a positive integer, got {pack_multiple!r} "
+                "(null pads only when compiled, to the batch size; e.g. model.pack_multiple=8)"
+            )
+        self.pack_multiple = pack_multiple
         self._compiled_stages: dict[str, Callable] = {}
         if self.compile_mode:  # the compiled stages trace the methods themselves: parameters stay the module's own
             # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
@@ -125,9 +135,11 @@ class MultiModalSegmentor(nn.Module):
 
     def plan_encoding(self, available: Tensor) -> Tensor:
         """The shared encoder's packing plan for ``available`` (:func:`~sgma.models.encoder.packing_index`),
-        padded to a multiple of the batch size when the stages run compiled. Reads ``available`` on the host: call it
-        where the availability is on the CPU (the training module does so before the batch moves to the device)."""
-        return packing_index(available, multiple=available.shape[0] if self.compiled else 1)
+        padded to a multiple of ``pack_multiple`` if set, else of the batch size when the stages run compiled. Reads
+        ``available`` on the host: call it where the availability is on the CPU (the training module does so before
+        the batch moves to the device)."""
+        multiple = self.pack_multiple or (available.shape[0] if self.compiled else 1)
+        return packing_index(available, multiple=multiple)
 
     def features(
         self, inputs: Mapping[str, Tensor], available: Tensor, encode_index: Tensor | None = None
