@@ -24,6 +24,7 @@ from omegaconf import open_dict
 from conftest import REPO, bind_to, compose_config
 from sgma.modalities import Modality
 from sgma.models import FUSIONS
+from sgma.models.head import resize_bilinear
 from sgma.models.segmentor import MultiModalSegmentor
 from sgma.opcount import OpCounter
 from sgma.tasks import build_datamodule, build_module, train
@@ -157,7 +158,7 @@ def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path):
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._inductor.utils import count_tangents, get_first_incompatible_cudagraph_node, num_fw_fixed_arguments
 
-    found = []
+    found, ops = [], set()
 
     def skip_reason(gm, fixed: int) -> str | None:
         """The backend's check_for_skip, with the meta device standing for the one GPU it wants."""
@@ -171,17 +172,19 @@ def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path):
 
     def backend(gm, example_inputs):
         def forward(aot_gm, inputs, kind="forward"):
+            ops.update(str(n.target) for n in aot_gm.graph.nodes if n.op == "call_function")
             found.append((kind, skip_reason(aot_gm, num_fw_fixed_arguments(len(example_inputs), len(inputs)))))
             return boxed_nop(aot_gm, inputs)
 
         def backward(aot_gm, inputs):
+            ops.update(str(n.target) for n in aot_gm.graph.nodes if n.op == "call_function")
             found.append(("backward", skip_reason(aot_gm, count_tangents(aot_gm))))
             return boxed_nop(aot_gm, inputs)
 
         inference = lambda aot_gm, inputs: forward(aot_gm, inputs, "inference")  # noqa: E731
         return aot_autograd(fw_compiler=forward, bw_compiler=backward, inference_compiler=inference)(gm, example_inputs)
 
-    dm, module = _module(tmp_path, "sgma", "model.compile=true")
+    dm, module = _module(tmp_path, "sgma", "model.compile=true", "++model.compile_options.backend=cudagraphs")
     module.net._compiled_stages = {  # the model's own compiled stages, with the checking backend
         name: torch.compile(getattr(module.net, name), backend=backend, dynamic=False)
         for name in ("features", "fuse_decode")
@@ -198,6 +201,50 @@ def test_compiled_graphs_qualify_for_cuda_graphs(tmp_path):
     kinds = [kind for kind, _ in found]
     assert kinds.count("forward") == kinds.count("backward") >= 2 and kinds.count("inference") == 2, kinds
     assert all(skip is None for _, skip in found), found
+    # the graphs run op by op under this backend: bilinear resizing stays torch's kernel (fwd and bwd), not the
+    # index arithmetic and index_put scatter that AOT autograd decomposes it into
+    assert "sgma.resize_bilinear.default" in ops and "aten.upsample_bilinear2d_backward.default" in ops
+    decomposed = {"aten.index.Tensor", "aten._unsafe_index.Tensor", "aten.index_put.default"}
+    assert not ops & (decomposed | {"aten._unsafe_index_put.default"}), sorted(op for op in ops if "index" in op)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opaque_resize_is_torchs_bilinear_in_one_op(channels_last):
+    """resize_bilinear(opaque=True) traced by AOT autograd (backend aot_eager: the graph runs op by op, as under
+    cudagraphs) is one custom op forward and torch's upsample_bilinear2d_backward backward, with F.interpolate's
+    values, strides and gradient; eager calls are F.interpolate itself."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = torch.nn.functional.interpolate(a, size=(13, 9), mode="bilinear", align_corners=False)
+    recorder = AotEagerAndRecordGraphs()
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: resize_bilinear(t, (13, 9), opaque=True), backend=recorder, fullgraph=True)(b)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.stride() == expected.stride()
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    (forward,), (backward,) = recorder.fw_graphs, recorder.bw_graphs
+    targets = [str(n.target) for g in (forward, backward) for n in g.graph.nodes if n.op == "call_function"]
+    assert targets == ["sgma.resize_bilinear.default", "aten.upsample_bilinear2d_backward.default"], targets
+    with OpCounter() as eager:  # eager calls run torch's op itself, not the custom op around it
+        resize_bilinear(x, (13, 9), opaque=True)
+    assert dict(eager.ops) == {"aten.upsample_bilinear2d": 1}
+
+
+def test_segmentor_keeps_resizing_whole_without_inductor():
+    """The head's resizes are opaque ops only when a backend other than inductor compiles the model."""
+    mods = [Modality("rgb", 3, (0.0,) * 3, (1.0,) * 3)]
+    options = {"modalities": mods, "num_classes": 4, "backbone": "mit_b0", "fusion": "mean", "decoder_channels": 16}
+    assert not MultiModalSegmentor(**options).head.opaque_resize
+    for compile_options, opaque in (({}, False), ({"backend": "inductor"}, False), ({"backend": "cudagraphs"}, True)):
+        net = MultiModalSegmentor(**options, compile="train", compile_options=compile_options)
+        assert net.head.opaque_resize is opaque, compile_options
 
 
 def test_compile_train_compiles_training_passes_only():

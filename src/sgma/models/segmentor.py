@@ -107,6 +107,8 @@ class MultiModalSegmentor(nn.Module):
             # Static shapes: the packed batch takes at most M sizes (see plan_encoding), each compiled once;
             # a dynamic packed dimension recompiles into a graph that inductor (torch 2.11-2.13) fails on.
             options = {"dynamic": False, **dict(compile_options or {})}
+            # backends that run the traced graph op by op keep bilinear resizing as torch's kernels
+            self.head.opaque_resize = options.get("backend", "inductor") != "inductor"
             # train/eval x M packed sizes x a few batch sizes per stage: more than dynamo's default of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled_stages = {
