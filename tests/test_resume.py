@@ -250,6 +250,23 @@ def test_ddp_ranks_stop_together_on_sigterm(tmp_path):
     assert state["epoch"] > 0 or (batches + 1) % 10 == 0, batches
 
 
+def test_resume_may_change_how_the_model_runs():
+    """model.compile, compile_options, channels_last and pack_multiple change how the model is executed, not what it
+    computes: a run may resume with other values, or from a checkpoint written before a knob existed."""
+    from omegaconf import OmegaConf
+
+    from sgma.recovery import resume_differences
+
+    current = OmegaConf.to_container(compose_config("train", ["model=sgma"]))
+    current.pop("hydra")
+    old = copy.deepcopy(current)
+    del old["model"]["pack_multiple"], old["model"]["channels_last"]
+    current["model"].update(compile="train", compile_options={"backend": "cudagraphs"}, pack_multiple=8)
+    assert resume_differences(old, current) == []
+    current["model"]["decoder_channels"] = 128
+    assert resume_differences(old, current) == ["model.decoder_channels: 256 -> 128"]
+
+
 def test_checkpoints_from_before_augment_and_loss_resume_as_they_trained():
     """A stored config without the later `augment`, `loss` and `fresh_scenes` keys compares as none / ce / false
     (what those runs did), and a real difference is still reported."""

@@ -475,6 +475,8 @@ RESUME_KEYS = (
 )
 # leaves that only say where things are or how they are shown: moving the data is fine
 RESUME_IGNORED_LEAVES = ("root", "cache_dir", "progress", "num_workers")
+# how the model is executed, not what it computes: a run may resume compiled, channels-last or padded differently
+RESUME_EXECUTION_KEYS = ("model.compile", "model.compile_options", "model.channels_last", "model.pack_multiple")
 # config keys added after checkpoints were written, with what reproduces those runs (a conf/ file or a value):
 # a checkpoint that lacks one compares as if it had it, wherever the current config has the key
 ADDED_LATER: dict[str, str | Any] = {
@@ -529,6 +531,8 @@ def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
         new = _flatten(_select(current, section), section)
         for key in sorted(set(old) | set(new)):
             if key.rsplit(".", 1)[-1] in RESUME_IGNORED_LEAVES:
+                continue
+            if any(key == k or key.startswith(k + ".") for k in RESUME_EXECUTION_KEYS):
                 continue
             a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
             if a != b:
