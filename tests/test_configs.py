@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
@@ -199,3 +200,33 @@ def test_debug_fdr_runs(tmp_path):
     metrics, objects = train(cfg)
     assert objects["trainer"].fast_dev_run and "test/avg/miou" in metrics
     assert cfg.logger is None and cfg.callbacks.lr_monitor is None
+
+
+def test_auto_loader_settings_follow_the_device(monkeypatch):
+    """data.num_workers=auto: none on CPU, else CPU cores per device process - 1 (at most 8); data.pin_memory=auto:
+    on CUDA only. Explicit values are kept, wrong ones refused with the fix."""
+    from sgma.builders import loader_settings
+
+    monkeypatch.setattr("sgma.builders.os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr("sgma.builders.torch.cuda.device_count", lambda: 2)
+
+    def settings(*overrides: str) -> tuple[int, bool]:
+        cfg = compose_config("train", list(overrides))
+        return loader_settings(cfg.data, cfg.trainer)
+
+    assert settings("trainer=cpu") == (0, False)
+    if not torch.cuda.is_available():  # accelerator=auto, the default, on a machine without a GPU
+        assert settings() == (0, False)
+    assert settings("trainer=ddp_cpu") == (0, False)
+    assert settings("trainer=gpu") == (8, True)  # 16 cores, one GPU: capped at 8
+    assert settings("trainer=ddp") == (3, True)  # 4 GPU processes share 16 cores
+    assert settings("trainer=gpu", "trainer.devices=[0,1,2,3,4,5,6,7]") == (1, True)
+    assert settings("trainer=gpu", "trainer.devices=auto") == (7, True)  # 2 visible GPUs
+    assert settings("trainer=gpu", "data.num_workers=2", "data.pin_memory=false") == (2, False)
+    for bad, message in (
+        ("data.num_workers=-1", "data.num_workers=-1: use auto or a whole number >= 0, e.g."),
+        ("data.num_workers=many", "data.num_workers='many': use auto"),
+        ("data.pin_memory=maybe", "data.pin_memory='maybe': use auto, true or false"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            settings("trainer=gpu", bad)

@@ -393,7 +393,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.get("missing_probs") is not None:
             run_cfg.eval.missing_probs = cfg.missing_probs
     L.seed_everything(run_cfg.seed, workers=True)
-    dm = build_datamodule(run_cfg)
+    dm = build_datamodule(run_cfg, trainer=cfg.trainer)  # loaders sized for this evaluation's device
     module = build_module(run_cfg, dm)
     module.load_state_dict(ckpt["state_dict"])
     split = cfg.split
