@@ -222,6 +222,9 @@ def test_auto_loader_settings_follow_the_device(monkeypatch):
     assert settings("trainer=ddp") == (3, True)  # 4 GPU processes share 16 cores
     assert settings("trainer=gpu", "trainer.devices=[0,1,2,3,4,5,6,7]") == (1, True)
     assert settings("trainer=gpu", "trainer.devices=auto") == (7, True)  # 2 visible GPUs
+    assert (
+        settings("trainer=gpu", "trainer.devices='0,1'") == settings("trainer=gpu", "trainer.devices='2'") == (7, True)
+    )
     assert settings("trainer=gpu", "data.num_workers=2", "data.pin_memory=false") == (2, False)
     for bad, message in (
         ("data.num_workers=-1", "data.num_workers=-1: use auto or a whole number >= 0, e.g."),

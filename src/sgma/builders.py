@@ -67,13 +67,16 @@ def loader_settings(data: DictConfig, trainer: DictConfig | None) -> tuple[int, 
 
 
 def _processes_per_node(trainer: DictConfig | None) -> int:
-    """Device processes one machine runs for ``trainer.devices`` (an int, a list of ids, "0,1", or auto / -1)."""
+    """Device processes one machine runs for ``trainer.devices``, read as Lightning does: a count (2 or "2"), a list
+    of ids ([0, 1] or "0,1"), or every visible GPU (auto, -1)."""
     devices = (trainer or {}).get("devices", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
         return devices
     if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
         return max(1, len(devices))
-    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
+    if isinstance(devices, str) and "," in devices:
         return max(1, len([d for d in devices.split(",") if d.strip()]))
     return max(1, torch.cuda.device_count())
 
