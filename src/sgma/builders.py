@@ -50,11 +50,11 @@ def loader_settings(data: DictConfig, trainer: DictConfig | None) -> tuple[int, 
     process, at most :data:`MAX_AUTO_WORKERS`, so that a GPU is not left waiting for the batches. ``auto`` pinning:
     on CUDA only (page-locked batches copy to the GPU asynchronously)."""
     accelerator = str((trainer or {}).get("accelerator", "auto"))
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    cuda = runs_on_cuda(accelerator)
     workers, pin = data.get("num_workers", 0), data.get("pin_memory", False)
     if workers == "auto":
         workers = 0
-        if cuda or accelerator not in ("cpu", "auto"):
+        if cuda or accelerator not in ("cpu", "auto"):  # CUDA, or another accelerator named outright (mps, ...)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             workers = max(1, min(MAX_AUTO_WORKERS, cores // _processes_per_node(trainer) - 1))
     elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -104,13 +104,17 @@ def build_module(cfg: DictConfig, dm: MultiModalDataModule) -> SegmentationModul
     )
 
 
+def runs_on_cuda(accelerator: str | None) -> bool:
+    """Whether a Lightning ``accelerator`` name means a CUDA GPU (``auto``: when one is available)."""
+    name = str(accelerator or "auto")
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+
+
 def device_for(accelerator: str | None) -> torch.device:
     """The torch device for a Lightning ``accelerator`` name (``auto``: CUDA when available)."""
     name = str(accelerator or "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name in ("gpu", "cuda"):
+    if runs_on_cuda(name):
         if not torch.cuda.is_available():
             raise RuntimeError(f"trainer.accelerator={name} but no CUDA device is available")
         return torch.device("cuda")
-    return torch.device(name)
+    return torch.device("cpu" if name == "auto" else name)

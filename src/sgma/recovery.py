@@ -522,6 +522,12 @@ class _Absent:
 _ABSENT = _Absent()
 
 
+def _resume_ignores(key: str) -> bool:
+    """A dotted config leaf that may differ on resume: a location or display leaf, or an execution setting."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in RESUME_IGNORED_LEAVES or any(key == k or key.startswith(k + ".") for k in RESUME_EXECUTION_KEYS)
+
+
 def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
     """``key: checkpoint -> now`` for every leaf of :data:`RESUME_KEYS` that differs between the two configs."""
     diffs = []
@@ -530,9 +536,7 @@ def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
         old = _flatten(_select(saved, section), section)
         new = _flatten(_select(current, section), section)
         for key in sorted(set(old) | set(new)):
-            if key.rsplit(".", 1)[-1] in RESUME_IGNORED_LEAVES:
-                continue
-            if any(key == k or key.startswith(k + ".") for k in RESUME_EXECUTION_KEYS):
+            if _resume_ignores(key):
                 continue
             a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
             if a != b:
