@@ -34,10 +34,14 @@ Per phase and preset:
   training_step + backward + optimizer step.
 - ``ops``: aten ops dispatched in one step (``TorchDispatchMode`` counter; train: training_step + backward,
   the optimizer step is reported apart as ``opt ops``). Works on any device.
+- ``GFLOP``: floating-point operations of one step in 1e9 (train: training_step + backward, not the optimizer;
+  infer: the forward), from torch's ``FlopCounterMode`` with grouped convolutions' backward counted right
+  (:func:`sgma.opcount.flop_counter`). Counts matmuls and convolutions, not elementwise work; the same on every
+  device, so it says what a ratio would be if every kernel ran at the same efficiency.
 - ``warm-up s``: wall time of the warm-up steps; with ``--compile`` it starts with one step per packed batch
   shape the timed steps use (:meth:`~sgma.models.segmentor.MultiModalSegmentor.plan_encoding`), so it holds
   the compile time and no timed step compiles. Under ``--compile`` ``ops`` are not counted (a dispatch mode
-  makes dynamo fall back to eager), only CUDA syncs.
+  makes dynamo fall back to eager), nor FLOPs, only CUDA syncs.
 - ``step_ms`` and ``new_shape`` (JSON; summed up on the ``# done:`` line): every timed step's wall time, and
   whether its packed encoder batch (the available slots, 8 to 24 for 3 modalities x 8 samples) had a size not met
   before in the phase. Eager mode runs each size as a new shape, and a GPU library may set kernels up per shape
@@ -84,7 +88,7 @@ from pathlib import Path
 
 import torch
 
-from sgma.opcount import OpCounter
+from sgma.opcount import OpCounter, flop_counter
 
 PRESETS = ("baseline", "sgf_only", "sgma")
 BACKBONES = ("mit_b0", "tu-pvt_v2_b2")
@@ -285,6 +289,7 @@ class Phase:
     ops: int = 0  # forward + backward
     opt_ops: int = 0  # optimizer step
     step_ops: int = 0  # forward alone (training_step for train)
+    gflops: float | None = None  # floating-point operations of forward + backward (not the optimizer), 1e9
     step_syncs: int = 0
     warmup_s: float = float("nan")  # the warm-up steps (with --compile: compiling every packed shape first)
     step_ms: list = field(default_factory=list)  # every timed step's wall time, in order
@@ -363,12 +368,12 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
         torch.cuda.synchronize()
     phase.warmup_s = time.perf_counter() - t0
     timed = batches[args.warmup : args.warmup + args.iters]
-    # sizes met before the timed steps (under --compile every size was compiled in the warm-up)
-    seen = {packed_size(b) for b in (batches if args.compile else batches[: args.warmup])}
-    for batch in timed:
-        phase.new_shape.append(packed_size(batch) not in seen)
-        seen.add(packed_size(batch))
     if not args.counts_only:
+        # sizes met before the timed steps (under --compile every size was compiled in the warm-up)
+        seen = {packed_size(b) for b in (batches if args.compile else batches[: args.warmup])}
+        for batch in timed:
+            phase.new_shape.append(packed_size(batch) not in seen)
+            seen.add(packed_size(batch))
         walls, hosts = [], []
         load = OtherLoad().__enter__()
         for batch in timed:
@@ -400,11 +405,19 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     # counts: one more step under the counters (slow, not timed), each part on its own
     counters, cuda_syncs = [], []
     state = timed[0]
-    for part in (step.forward, step.backward, lambda _: step.update()):
+    phase.gflops = 0.0
+    # the model's FLOPs are those of forward and backward, not of the optimizer's arithmetic
+    for part, model_flops in ((step.forward, True), (step.backward, True), (lambda _: step.update(), False)):
         # a dispatch mode makes dynamo skip the compiled frames: under --compile only CUDA syncs are counted
-        counter = OpCounter()
-        with cuda_sync_warnings(device) as sync_warnings, contextlib.nullcontext() if args.compile else counter:
+        counter, flops = OpCounter(), flop_counter()  # (a FLOP counter starts from zero each time it is entered)
+        counting = contextlib.ExitStack()
+        if not args.compile:
+            counting.enter_context(counter)
+            if model_flops:
+                counting.enter_context(flops)
+        with cuda_sync_warnings(device) as sync_warnings, counting:
             state = part(state)
+        phase.gflops += flops.get_total_flops() / 1e9
         if cuda:
             torch.cuda.synchronize()
         counters.append(counter)
@@ -412,7 +425,7 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     fwd, bwd, upd = counters
     phase.ops, phase.opt_ops, phase.step_ops = fwd.total + bwd.total, upd.total, fwd.total
     if args.compile:
-        phase.ops = phase.opt_ops = phase.step_ops = None
+        phase.ops = phase.opt_ops = phase.step_ops = phase.gflops = None
     counted = [sum(c.syncs.values()) for c in counters]
     phase.syncs = sum(cuda_syncs) if cuda else sum(counted)
     phase.step_syncs = cuda_syncs[0] if cuda else counted[0]
@@ -498,7 +511,7 @@ def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.N
     return result
 
 
-RATIO_KEYS = ("ms", "host_ms", "device_ms", "peak_mb", "ops")
+RATIO_KEYS = ("ms", "host_ms", "device_ms", "peak_mb", "ops", "gflops")
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -533,6 +546,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             continue
         lines += [f"**{title}**", ""]
         head = "| backbone | crop x batch | preset | ms | x | host ms | device ms | peak MB | x | syncs | ops | x |"
+        head += " GFLOP | x |"
         if phase == "train":
             head += " opt ops |"
         head += " warm-up s | other load |"
@@ -552,6 +566,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                 f"{p.step_syncs}/{p.syncs}" if phase == "train" else str(p.syncs),
                 fmt(p.ops),
                 fmt(x["ops"], 2),
+                fmt(p.gflops),
+                fmt(x["gflops"], 3),
             ]
             if phase == "train":
                 cells.append(fmt(p.opt_ops))
@@ -598,7 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--counts-only", action="store_true", help="skip timing and memory; op and sync counts")
+    parser.add_argument("--counts-only", action="store_true", help="skip timing and memory; op, sync and FLOP counts")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument(

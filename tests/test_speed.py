@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import open_dict
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO, bind_to, compose_config
 from sgma.modalities import Modality
 from sgma.models import FUSIONS
 from sgma.models.head import resize_bilinear
 from sgma.models.segmentor import MultiModalSegmentor
-from sgma.opcount import OpCounter
+from sgma.opcount import OpCounter, flop_counter
 from sgma.tasks import build_datamodule, build_module, train
 
 # training_step is called without a Trainer here, so Lightning says once per module that self.log() has none
@@ -370,3 +371,32 @@ def test_bench_step_profiles_and_measures_memory_on_cpu(tmp_path, monkeypatch):
     assert bench.new_shape_cost(phase) == "1 steps at a new packed size 30.0 ms vs 11.0 ms"
     with pytest.raises(SystemExit):  # profiling needs a timed step
         bench.parse_args(["--counts-only", "--profile", "3"])
+    # counts alone: ops, syncs and FLOPs (forward + backward in training, more than inference's forward)
+    base, sgf = bench.main(
+        [*argv[:8], "--presets", "baseline,sgf_only", "--counts-only", "--warmup", "1", "--iters", "1"]
+    )
+    assert base["train"].gflops > base["infer"].gflops > 0 and sgf["infer"].gflops > base["infer"].gflops
+    assert sgf["train_x"]["gflops"] == sgf["train"].gflops / base["train"].gflops
+
+
+@pytest.mark.parametrize("groups, stride", [(1, 1), (4, 2), (16, 1)])
+def test_flop_counter_counts_grouped_conv_backward_per_group(groups, stride):
+    """A grouped conv is G dense convs side by side, so its FLOPs forward and backward are theirs summed, as torch's
+    own counter counts dense convs (it counted a grouped conv's weight gradient as dense: G times too many)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 5, stride=stride, padding=2, groups=groups)
+    dense = [torch.nn.Conv2d(16 // groups, 16 // groups, 5, stride=stride, padding=2) for _ in range(groups)]
+
+    def flops(convs: list, x: torch.Tensor, counter) -> tuple[int, int]:
+        with counter() as forward:
+            y = torch.cat([c(part) for c, part in zip(convs, x.chunk(len(convs), dim=1), strict=True)], dim=1)
+        with counter() as backward:
+            y.sum().backward()
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    fwd, bwd = flops([conv], x, flop_counter)
+    assert (fwd, bwd) == flops(dense, x, lambda: FlopCounterMode(display=False)) and fwd > 0
+    assert bwd == 2 * fwd  # input and weight gradients, each the forward's multiply-adds
+    x.requires_grad_(False)
+    assert flops([conv], x, flop_counter)[1] == fwd  # weight gradient only
