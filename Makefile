@@ -25,10 +25,10 @@ install: $(STAMP)  ## create .venv and install sgma with dev tools (quick when n
 train: install  ## train on the built-in synthetic data, then print the all-pattern evaluation table
 	$(PY) train.py $(ARGS)
 
-test: install  ## the default test suite (skips tests marked slow); .ci/run calls this
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+test: install  ## the default test suite (skips tests marked slow), one worker per core; .ci/run calls this
+	$(PY) -m pytest -m "not slow" -n auto -q $(ARGS)
 
-test-full: install  ## every test, slow ones included, on all cores
+test-full: install  ## every test, slow ones included, one worker per core
 	$(PY) -m pytest -n auto -q $(ARGS)
 
 lint: install  ## ruff lint and format check

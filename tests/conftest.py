@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +17,13 @@ from omegaconf import DictConfig, open_dict
 from sgma.config import CONFIG_DIR, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (`make test` runs one worker per core) the workers share the cores: each gets its share of torch
+# threads, and so do the processes it starts (OMP_NUM_THREADS is inherited), or OpenMP's barriers spin against each
+# other on an oversubscribed machine. A value set by the caller wins.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # W&B must never try the network in tests; offline runs still write real run files
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -44,8 +52,6 @@ def bind_to(cfg: DictConfig, out_dir: Path) -> DictConfig:
 
 def batch_of(dm, pattern_ids: list[int]) -> dict:
     """A training batch of the first len(pattern_ids) train samples, sample i under pattern pattern_ids[i]."""
-    import torch
-
     data = dm.dataset("train")
     samples = [data[(i, p)] for i, p in enumerate(pattern_ids)]
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -7,9 +7,11 @@ SLURM environment variables that some checks read are set on the test process on
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,6 +193,13 @@ def test_time_limit_signal_saves_then_ckpt_path_last_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ local sweep
+def job_start_time(log: Path) -> float:
+    """When a submitit job process started: the time stamp of its first log line (local time, milliseconds)."""
+    match = re.search(r"submitit INFO \((\S+ \S+)\) - Starting with", log.read_text())
+    assert match, f"{log}: no submitit start line"
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def test_submitit_local_sweep_runs_jobs_in_parallel(tmp_path):
     """The ablation command narrowed to two tiny jobs (experiment=ablation model=baseline missing=full seed=1,2)
     through hydra/launcher=submitit_local: both start together, and the sweep ends with its summary (the
@@ -208,10 +217,12 @@ def test_submitit_local_sweep_runs_jobs_in_parallel(tmp_path):
         assert table["config"]["seed"] == seed and [r["pattern"] for r in table["patterns"]] == PATTERNS
         assert f"seed={seed}" in yaml.safe_load((sweep / str(n) / ".hydra" / "overrides.yaml").read_text())
         avg.append(table["summaries"]["avg"]["miou"])
-    # side by side: each job started (Hydra wrote its .hydra/) before the other one finished (wrote its table)
-    start = [(sweep / str(n) / ".hydra" / "config.yaml").stat().st_mtime for n in (0, 1)]
-    end = [(sweep / str(n) / "patterns.json").stat().st_mtime for n in (0, 1)]
-    assert start[0] < end[1] and start[1] < end[0], (start, end)
+    # side by side: both job processes started (submitit's first log line, before the job imports torch) before
+    # either finished (wrote its table); a launcher running them one after the other could not do that
+    logs = sorted((sweep / ".submitit").glob("*/*_0_log.out"))
+    starts = [job_start_time(log) for log in logs]
+    ends = [(sweep / str(n) / "patterns.json").stat().st_mtime for n in (0, 1)]
+    assert len(starts) == 2 and max(starts) < min(ends), (logs, starts, ends)
     summary = summarise(sweep)
     cell = summary.cell(summary.settings[0], "avg")
     assert len(summary.settings) == 1 and cell.n == 2 and cell.std == pytest.approx(np.std(avg, ddof=1))
