@@ -38,10 +38,14 @@ Per phase and preset:
   infer: the forward), from torch's ``FlopCounterMode`` with grouped convolutions' backward counted right
   (:func:`sgma.opcount.flop_counter`). Counts matmuls and convolutions, not elementwise work; the same on every
   device, so it says what a ratio would be if every kernel ran at the same efficiency.
+- ``GB moved``: memory traffic of the same passes run op by op (1e9 bytes): every op that is not a view reads its
+  tensor inputs and writes its new outputs (``OpCounter.bytes``). An estimate for eager execution (caches and fused
+  kernels move less), in the step's own dtypes (``--precision bf16`` halves most of it); with ``GFLOP`` and ``ops``
+  it says whether a preset costs more arithmetic, more memory passes or more kernels.
 - ``warm-up s``: wall time of the warm-up steps; with ``--compile`` it starts with one step per packed batch
   shape the timed steps use (:meth:`~sgma.models.segmentor.MultiModalSegmentor.plan_encoding`), so it holds
   the compile time and no timed step compiles. Under ``--compile`` ``ops`` are not counted (a dispatch mode
-  makes dynamo fall back to eager), nor FLOPs, only CUDA syncs.
+  makes dynamo fall back to eager), nor FLOPs and traffic, only CUDA syncs.
 - ``step_ms`` and ``new_shape`` (JSON; summed up on the ``# done:`` line): every timed step's wall time, and
   whether its packed encoder batch (the available slots, 8 to 24 for 3 modalities x 8 samples) had a size not met
   before in the phase. Eager mode runs each size as a new shape, and a GPU library may set kernels up per shape
@@ -290,6 +294,7 @@ class Phase:
     opt_ops: int = 0  # optimizer step
     step_ops: int = 0  # forward alone (training_step for train)
     gflops: float | None = None  # floating-point operations of forward + backward (not the optimizer), 1e9
+    traffic_gb: float | None = None  # memory traffic of forward + backward run op by op, 1e9 bytes
     step_syncs: int = 0
     warmup_s: float = float("nan")  # the warm-up steps (with --compile: compiling every packed shape first)
     step_ms: list = field(default_factory=list)  # every timed step's wall time, in order
@@ -405,27 +410,26 @@ def measure(step: Step, batches: list[dict], device: torch.device, args: argpars
     # counts: one more step under the counters (slow, not timed), each part on its own
     counters, cuda_syncs = [], []
     state = timed[0]
-    phase.gflops = 0.0
-    # the model's FLOPs are those of forward and backward, not of the optimizer's arithmetic
-    for part, model_flops in ((step.forward, True), (step.backward, True), (lambda _: step.update(), False)):
+    for part in (step.forward, step.backward, lambda _: step.update()):
         # a dispatch mode makes dynamo skip the compiled frames: under --compile only CUDA syncs are counted
-        counter, flops = OpCounter(), flop_counter()  # (a FLOP counter starts from zero each time it is entered)
-        counting = contextlib.ExitStack()
-        if not args.compile:
-            counting.enter_context(counter)
-            if model_flops:
-                counting.enter_context(flops)
-        with cuda_sync_warnings(device) as sync_warnings, counting:
+        counter = OpCounter()
+        with cuda_sync_warnings(device) as sync_warnings, contextlib.nullcontext() if args.compile else counter:
             state = part(state)
-        phase.gflops += flops.get_total_flops() / 1e9
         if cuda:
             torch.cuda.synchronize()
         counters.append(counter)
         cuda_syncs.append(len(sync_warnings))
     fwd, bwd, upd = counters
     phase.ops, phase.opt_ops, phase.step_ops = fwd.total + bwd.total, upd.total, fwd.total
+    phase.traffic_gb = (fwd.bytes + bwd.bytes) / 1e9
+    # FLOPs of forward and backward (not the optimizer's arithmetic), in a pass of their own: torch's FLOP counter
+    # decomposes the composite ops that inference mode dispatches whole, which would change what OpCounter sees
+    if not args.compile:
+        with flop_counter() as flops:
+            step.backward(step.forward(timed[0]))
+        phase.gflops = flops.get_total_flops() / 1e9
     if args.compile:
-        phase.ops = phase.opt_ops = phase.step_ops = phase.gflops = None
+        phase.ops = phase.opt_ops = phase.step_ops = phase.gflops = phase.traffic_gb = None
     counted = [sum(c.syncs.values()) for c in counters]
     phase.syncs = sum(cuda_syncs) if cuda else sum(counted)
     phase.step_syncs = cuda_syncs[0] if cuda else counted[0]
@@ -511,7 +515,7 @@ def run_case(preset: str, backbone: str, size: int, batch: int, args: argparse.N
     return result
 
 
-RATIO_KEYS = ("ms", "host_ms", "device_ms", "peak_mb", "ops", "gflops")
+RATIO_KEYS = ("ms", "host_ms", "device_ms", "peak_mb", "ops", "gflops", "traffic_gb")
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -546,7 +550,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             continue
         lines += [f"**{title}**", ""]
         head = "| backbone | crop x batch | preset | ms | x | host ms | device ms | peak MB | x | syncs | ops | x |"
-        head += " GFLOP | x |"
+        head += " GFLOP | x | GB moved | x |"
         if phase == "train":
             head += " opt ops |"
         head += " warm-up s | other load |"
@@ -568,6 +572,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                 fmt(x["ops"], 2),
                 fmt(p.gflops),
                 fmt(x["gflops"], 3),
+                fmt(p.traffic_gb, 2),
+                fmt(x["traffic_gb"], 3),
             ]
             if phase == "train":
                 cells.append(fmt(p.opt_ops))
@@ -614,7 +620,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--counts-only", action="store_true", help="skip timing and memory; op, sync and FLOP counts")
+    parser.add_argument(
+        "--counts-only", action="store_true", help="skip timing and memory; op, sync, FLOP and traffic counts"
+    )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument(

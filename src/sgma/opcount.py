@@ -12,6 +12,7 @@ import collections
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 # ops that make the host wait for a GPU (on CPU they are counted instead of observed)
@@ -35,23 +36,50 @@ BOOL_INDEXING_OPS = {"aten.index", "aten.index_put", "aten.index_put_"}
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops dispatched while active, and among them those that synchronise on a GPU."""
+    """Counts aten ops dispatched while active, among them those that synchronise on a GPU, and the memory traffic
+    they would cause run one kernel each (:attr:`bytes`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.syncs: collections.Counter[str] = collections.Counter()
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.ops[name] += 1
         if name in SYNC_OPS or (name in BOOL_INDEXING_OPS and _has_bool_index(args)):
             self.syncs[name] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.bytes += _traffic(name, (args, kwargs), out)
+        return out
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def _traffic(name: str, inputs, out) -> int:
+    """Bytes an op moves when it runs as its own kernel: it reads every tensor input and writes every new output
+    (an in-place op writes the tensor it mutates). A view moves nothing. A broadcast input counts at its stored
+    size. An estimate of eager execution (caches and fused kernels move less), comparable between models."""
+    tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+    outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    written = [t for t in outputs if t.untyped_storage().data_ptr() not in storages]
+    if not written:
+        if not (outputs and name.endswith("_")):  # a view (or an op with no tensor output)
+            return 0
+        written = outputs[:1]  # in place
+    return sum(_stored_bytes(t) for t in tensors) + sum(_stored_bytes(t) for t in written)
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor's elements occupy, broadcast (stride-0) dimensions counted once."""
+    n = t.element_size()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        n *= size if stride else 1
+    return n
 
 
 def _has_bool_index(args) -> bool:
