@@ -405,6 +405,11 @@ def test_op_counter_estimates_memory_traffic():
         with OpCounter() as counter:
             run()
         assert counter.bytes == expected, (dict(counter.ops), counter.bytes, expected)
+    x, y = x.to("meta"), y.to("meta")  # shapes only: the same counts
+    for run, expected in cases[:2]:
+        with OpCounter() as counter:
+            run()
+        assert counter.bytes == expected, ("meta", dict(counter.ops), counter.bytes, expected)
 
 
 @pytest.mark.parametrize("groups, stride", [(1, 1), (4, 2), (16, 1)])

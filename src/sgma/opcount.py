@@ -65,8 +65,9 @@ def _traffic(name: str, inputs, out) -> int:
     size. An estimate of eager execution (caches and fused kernels move less), comparable between models."""
     tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
     outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
-    storages = {t.untyped_storage().data_ptr() for t in tensors}
-    written = [t for t in outputs if t.untyped_storage().data_ptr() not in storages]
+    # storage identity, not data pointers: those are all 0 on the meta device
+    storages = {t.untyped_storage()._cdata for t in tensors}
+    written = [t for t in outputs if t.untyped_storage()._cdata not in storages]
     if not written:
         if not (outputs and name.endswith("_")):  # a view (or an op with no tensor output)
             return 0
