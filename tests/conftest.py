@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from sgma.builders import usable_cores
 from sgma.config import CONFIG_DIR, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # threads, and so do the processes it starts (OMP_NUM_THREADS is inherited), or OpenMP's barriers spin against each
 # other on an oversubscribed machine. A value set by the caller wins.
 if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // _workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # W&B must never try the network in tests; offline runs still write real run files

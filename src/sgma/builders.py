@@ -55,8 +55,7 @@ def loader_settings(data: DictConfig, trainer: DictConfig | None) -> tuple[int, 
     if workers == "auto":
         workers = 0
         if cuda or accelerator not in ("cpu", "auto"):  # CUDA, or another accelerator named outright (mps, ...)
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            workers = max(1, min(MAX_AUTO_WORKERS, cores // _processes_per_node(trainer) - 1))
+            workers = max(1, min(MAX_AUTO_WORKERS, usable_cores() // _processes_per_node(trainer) - 1))
     elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"data.num_workers={workers!r}: use auto or a whole number >= 0, e.g. data.num_workers=4")
     if pin == "auto":
@@ -64,6 +63,11 @@ def loader_settings(data: DictConfig, trainer: DictConfig | None) -> tuple[int, 
     elif not isinstance(pin, bool):
         raise ValueError(f"data.pin_memory={pin!r}: use auto, true or false")
     return workers, pin
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _processes_per_node(trainer: DictConfig | None) -> int:

@@ -1,9 +1,9 @@
-"""Counting the aten ops a piece of code dispatches, those among them that would make the host wait for a GPU, and
-the floating-point operations it performs.
+"""Counting the aten ops a piece of code dispatches, those among them that would make the host wait for a GPU, the
+memory traffic they cause, and the floating-point operations it performs.
 
-Works on any device (CPU included), so the no-sync guarantee of the training step is tested without a GPU
-(``tests/test_speed.py``) and measured by ``scripts/bench_step.py``, and the FLOPs SGF adds to a model
-(:func:`flop_counter`) are the same figure on every machine.
+Works on any device (CPU and meta included), so the no-sync guarantee of the training step is tested without a GPU
+(``tests/test_speed.py``) and measured by ``scripts/bench_step.py``, and the FLOPs and traffic SGF adds to a model
+(:func:`flop_counter`, :attr:`OpCounter.bytes`) are the same figures on every machine.
 """
 
 from __future__ import annotations
