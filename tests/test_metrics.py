@@ -1,5 +1,6 @@
 """Metrics against confusion matrices computed by hand."""
 
+import io
 import math
 
 import pytest
@@ -100,3 +101,25 @@ def test_patterns_without_samples_are_not_reported():
     )
     assert [r.pattern for r in report.patterns] == ["rgb"]
     assert "p0.5" not in report.summaries  # needs every pattern
+
+
+def test_console_table_prints_every_label_as_written():
+    """Labels with square brackets (``E[mIoU] p=0.1``, a class named ``car[parked]``) reach the console whole:
+    rich must not read them as style markup."""
+    from rich.console import Console
+
+    from sgma.reporting import print_table, to_markdown
+
+    report = build_report(
+        torch.eye(3, dtype=torch.long).expand(3, 3, 3),
+        torch.tensor([1, 1, 1]),
+        all_patterns=PATTERNS,
+        class_names=["road", "building", "clutter[misc]"],
+        missing_probs=[0.1],
+    )
+    console = Console(width=200, record=True, file=io.StringIO())
+    print_table(report, title="test [split]", console=console)
+    printed = console.export_text()
+    for label in ("E[mIoU] p=0.1", "IoU clutter[misc]", "test [split]", "Average", "rgb+dsm"):
+        assert label in printed
+    assert "E[mIoU] p=0.1" in to_markdown(report, title="test")

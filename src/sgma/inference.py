@@ -52,6 +52,7 @@ from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
 from sgma.recovery import fsync_dir
+from sgma.utils import add_note, instantiate
 
 log = logging.getLogger("sgma")
 
@@ -417,7 +418,7 @@ def evaluate_full_tiles(
     failed = torch.tensor([int(failure is not None)])
     confmat, samples, failed = sum_over_ranks(confusion.confmat, confusion.samples, failed)
     if failure is not None:
-        failure.add_note(f"(raised on rank {rank} of {world} during the whole-tile evaluation)")
+        add_note(failure, f"(raised on rank {rank} of {world} during the whole-tile evaluation)")
         raise failure
     if int(failed):
         raise RuntimeError(
@@ -925,7 +926,6 @@ def predict(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf, open_dict
 
     from sgma.modalities import canonical_pattern, format_pattern
-    from sgma.utils import instantiate
     from sgma.wandb_media import log_predictions, wandb_logger_node
 
     if not cfg.get("input"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sgma.metrics import PatternReport
 from sgma.recovery import fsync_dir, open_new, temporary_sibling
@@ -39,13 +40,15 @@ def _rows(report: PatternReport) -> tuple[list[str], list[list[str]]]:
 
 
 def render_table(report: PatternReport, *, title: str) -> Table:
+    """The console table. Every cell is plain text: rich would read ``E[mIoU]`` (or a class or dataset name in
+    square brackets) as style markup and drop it."""
     header, rows = _rows(report)
-    table = Table(title=title, show_lines=False)
+    table = Table(title=Text(title), show_lines=False)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(Text(name), justify="left" if i == 0 else "right")
     n_patterns = len(report.patterns)
     for i, row in enumerate(rows):
-        table.add_row(*row, end_section=i == n_patterns - 1)
+        table.add_row(*map(Text, row), end_section=i == n_patterns - 1)
     return table
 
 

@@ -31,7 +31,7 @@ from sgma.module import SegmentationModule
 from sgma.panels import collect_panels, panel_indices, panel_patterns
 from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
 from sgma.reporting import print_table, write_report
-from sgma.utils import callbacks_and_loggers, instantiate, task_wrapper
+from sgma.utils import add_note, callbacks_and_loggers, instantiate, task_wrapper
 from sgma.wandb_media import log_evaluation, wandb_logger_node
 
 log = logging.getLogger("sgma")
@@ -163,7 +163,7 @@ def _write_run_plots(
             run_title=run_title,
         )
     except Exception as err:
-        err.add_note(f"(raised while writing the plots of {out_dir}; the pattern table there is complete)")
+        add_note(err, f"(raised while writing the plots of {out_dir}; the pattern table there is complete)")
         raise
     log.info("%d plots written to %s", len(files), plots)
 

@@ -30,9 +30,17 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if cause is None:
             raise
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        if hasattr(cause, "add_note"):  # Python >= 3.11
-            cause.add_note(f"(raised while building {target} from the config)")
+        add_note(cause, f"(raised while building {target} from the config)")
         raise cause from None
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` where Python has it (3.11+); Python 3.10 has no notes, so there the note is logged
+    as an error just before the exception propagates."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        log.error("%s: %s", type(err).__name__, note)
 
 
 def instantiate_dict(nodes: DictConfig | None, **kwargs: Any) -> list[Any]:

@@ -1,7 +1,7 @@
 """MAS-weighted sampling: a per-sample robustness memory and the sampler that reads it.
 
 The MAS branch in the LightningModule trains one fragile modality alone per step (the paper). This module is
-the project's second half of MAS (METHOD.md, "Project design"): a :class:`RobustnessMemory`, fed from training
+the project's second half of MAS (docs/METHOD.md, "MAS"): a :class:`RobustnessMemory`, fed from training
 steps by a callback with SGF's robustness maps, and a :class:`MASSampler` that draws the next epoch's
 ``(sample index, pattern id)`` keys so that samples on which some modality is fragile come up more often,
 with patterns that favour that modality. Uniform robustness gives back plain uniform modality dropout.
