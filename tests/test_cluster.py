@@ -137,6 +137,29 @@ def test_srun_tasks_need_one_run_folder(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
+def test_ckpt_path_last_in_the_runs_own_new_folder_warns(tmp_path, monkeypatch, caplog):
+    """`ckpt_path=last` without a run folder: Hydra's new timestamped folder cannot hold an earlier run's checkpoint,
+    so training from scratch is a warning that says how to name the run to resume; a folder given on the command
+    line (an sbatch script's first start) is a plain log line."""
+    for name in ("SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    new = tmp_path / "runs" / "2026-11-27_13-40-00_123456"
+    bind_to(compose_config("train", ["debug=tiny"]), new)
+    with caplog.at_level("INFO", logger="sgma"):
+        assert resume_checkpoint("last", new) is None
+        assert resume_checkpoint("last", tmp_path / "multiruns" / "2026-11-27_13-40-00_123456" / "3") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "hydra.run.dir=<that run folder> ckpt_path=last" in warnings[0], warnings
+    caplog.clear()
+    bind_to(compose_config("train", ["debug=tiny", f"hydra.run.dir={new}"]), new)
+    with caplog.at_level("INFO", logger="sgma"):
+        assert resume_checkpoint("last", new) is None
+        assert resume_checkpoint("last", tmp_path / "my_run") is None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "does not exist yet: training from scratch" in caplog.text
+    GlobalHydra.instance().clear()
+
+
 def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
     for name in ("SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(name, raising=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import warnings
 
@@ -220,3 +222,74 @@ def test_modality_kind_steers_augmentation_without_rebuilding_the_cache(fresh):
     (fresh / "dataset.yaml").write_text(yaml.safe_dump(desc))
     with pytest.raises(ValueError, match="kind must be one of optical, elevation, sar, categorical, other"):
         _ds(fresh)
+
+
+def _edit_modality(root, name, **changes):
+    desc = yaml.safe_load((root / "dataset.yaml").read_text())
+    next(m for m in desc["modalities"] if m["name"] == name).update(changes)
+    (root / "dataset.yaml").write_text(yaml.safe_dump(desc))
+
+
+def test_more_bands_than_declared_channels_is_an_error(fresh):
+    for path in (fresh / "dsm").glob("*.tif"):
+        with rasterio.open(path) as src:
+            height = src.read(1)
+        write_geotiff(path, np.stack([height, height, height]), gsd=0.5, nodata=-9999.0)
+    with pytest.raises(
+        ValueError,
+        match=r"dsm/img_\d+\.tif has 3 band\(s\) but modality 'dsm' declares 1 channel\(s\) in .*"
+        r"dataset\.yaml: set 'channels: 3' for 'dsm' there, or write its rasters with 1 band\(s\)",
+    ):
+        _ds(fresh)
+
+
+@pytest.mark.parametrize(
+    "where, typo, match",
+    [
+        (None, {"val_frac": 0.3}, r"unknown key\(s\) 'val_frac' \(did you mean 'val_fraction'\?\); valid keys: mod"),
+        ("dsm", {"no_data": 0}, r"unknown key\(s\) 'modalities\.dsm\.no_data' \(did you mean 'nodata'\?\); valid keys"),
+    ],
+)
+def test_unknown_description_keys_name_the_closest_valid_key(fresh, where, typo, match):
+    if where is None:
+        _edit_yaml(fresh, **typo)
+    else:
+        _edit_modality(fresh, where, **typo)
+    with pytest.raises(ValueError, match=r"dataset\.yaml: " + match):
+        _ds(fresh)
+
+
+@pytest.mark.parametrize(
+    "where, change, match",
+    [
+        ("dsm", {"channels": "three"}, r"modalities\.dsm\.channels must be a whole number, got 'three'"),
+        ("dsm", {"nodata": "none"}, r"modalities\.dsm\.nodata must be a number, got 'none'"),
+        ("rgb", {"mean": ["x", "y", "z"], "std": [1, 1, 1]}, r"modalities\.rgb\.mean must be a number, got 'x'"),
+        (None, {"ignore_index": "none"}, r"ignore_index must be a whole number, got 'none'"),
+        (None, {"palette": [["a", 0, 0]] * 3}, r"palette\[0\] must be a whole number, got 'a'"),
+    ],
+)
+def test_bad_description_values_name_the_file_key_and_value(fresh, where, change, match):
+    if where is None:
+        _edit_yaml(fresh, **change)
+    else:
+        _edit_modality(fresh, where, **change)
+    with pytest.raises(ValueError, match=r"dataset\.yaml: " + match):
+        _ds(fresh)
+
+
+def test_yaml_splits_that_leave_stems_out_warn(tmp_path, caplog):
+    for how in ("fraction", "files", "yaml"):  # every stem in a split: nothing to say
+        root = make_fake_folder(tmp_path / how, num_images=4, splits=how)
+        with caplog.at_level(logging.WARNING, logger="sgma"):
+            _ds(root)
+        assert "leaves out" not in caplog.text, how
+    root = tmp_path / "yaml"
+    _edit_yaml(root, splits={"train": ["img_000"], "val": ["img_001"]})
+    with caplog.at_level(logging.WARNING, logger="sgma"):
+        assert _ds(root).stems == ["img_000"]
+    assert re.search(
+        r"the 'splits' mapping of .*dataset\.yaml leaves out 2 stem\(s\) found under .*, e\.g\. "
+        r"\['img_002', 'img_003'\]; .*List them in a split, or remove their files",
+        caplog.text,
+    )

@@ -249,6 +249,10 @@ def test_local_pretrained_weights_errors(tmp_path):
     torch.save(build_encoder("resnet18").state_dict(), wrong)
     with pytest.raises(RuntimeError, match="do not fit 'mit_b0'"):
         build_encoder("mit_b0", pretrained=str(wrong))
+    other_variant = tmp_path / "mit_b1.pth"  # same keys, wider tensors: named, not a dump of every tensor
+    torch.save(build_encoder("mit_b1").state_dict(), other_variant)
+    with pytest.raises(RuntimeError, match=r"do not fit 'mit_b0': \d+ tensors have other shapes \(e\.g\. patch_embed1"):
+        build_encoder("mit_b0", pretrained=str(other_variant))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not read"):

@@ -94,7 +94,8 @@ def test_splits_and_seeds_are_disjoint() -> None:
 
 @pytest.mark.parametrize(("size", "nearest"), [(100, 96), (130, 128), (16, 32), (200, 192)])
 def test_image_size_must_be_multiple_of_32(size: int, nearest: int) -> None:
-    with pytest.raises(ValueError, match=rf"image_size={size} is not a multiple of 32; use {nearest}\b"):
+    message = rf"dataset\.size={size} must be a positive multiple of 32.*use dataset\.size={nearest}$"
+    with pytest.raises(ValueError, match=message):
         SyntheticScenes(num_samples=1, image_size=size)
 
 

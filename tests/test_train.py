@@ -91,6 +91,39 @@ def test_eval_errors(tmp_path):
         evaluate(bind_to(compose_config("eval", [f"ckpt_path={tmp_path}"]), tmp_path))
 
 
+def test_eval_refuses_data_the_checkpoint_was_not_trained_on(sgma_ckpt, tmp_path):
+    """Other modalities or other classes (names, channels or order) than the checkpoint's training data: a clear
+    error listing both, before the weights are loaded (not a state-dict dump, never a silently misaligned table)."""
+    from types import SimpleNamespace
+
+    from sgma.data.synthetic import MODALITIES
+    from sgma.tasks import check_facts_match
+
+    overrides = [
+        f"ckpt_path={sgma_ckpt}",
+        "dataset=synthetic",
+        "dataset.size=64",
+        "+dataset.builder.modalities=[rgb,nir,dsm,sar]",
+    ]
+    cfg = bind_to(compose_config("eval", overrides), tmp_path)
+    with pytest.raises(ValueError, match=r"(?s)other modalities.*checkpoint rgb\(3\), nir\(1\), dsm\(1\); dataset rgb"):
+        evaluate(cfg)
+    assert not (tmp_path / "patterns.csv").exists()
+
+    facts = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)["sgma"]["dataset"]
+    modalities = tuple(MODALITIES[m] for m in ("rgb", "nir", "dsm"))
+    swapped = [facts["classes"][1], facts["classes"][0], *facts["classes"][2:]]
+    with pytest.raises(
+        ValueError, match=r"classes: checkpoint impervious_surface, building, .*; dataset building, impervious_surface"
+    ):
+        check_facts_match(
+            facts, SimpleNamespace(modalities=modalities, classes=swapped), ckpt_path="x", dataset="folder"
+        )
+    check_facts_match(
+        facts, SimpleNamespace(modalities=modalities, classes=facts["classes"]), ckpt_path="x", dataset="s"
+    )
+
+
 def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     return subprocess.run(
@@ -130,5 +163,7 @@ def test_wandb_offline_run_files(tmp_path):
 def test_cli_errors_are_clear(tmp_path):
     proc = _run(["debug=tiny", "logger=csv", "missing=nir+sar"], tmp_path)
     assert proc.returncode != 0 and "unknown modality 'sar'" in proc.stderr
+    proc = _run(["debug=tiny", "logger=csv", "data.val_patterns=[rgb,foo]"], tmp_path)
+    assert proc.returncode != 0 and "data.val_patterns=['rgb', 'foo']: unknown modality 'foo'" in proc.stderr
     proc = _run(["ckpt_path=/does/not/exist.ckpt"], tmp_path, script="eval.py")
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -30,6 +31,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from sgma.recovery import LAST, TrainingInterrupted
+
+# conf/hydra/default.yaml names run and sweep folders ${now:%Y-%m-%d_%H-%M-%S_%f}
+TIMESTAMPED = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}")
 
 log = logging.getLogger("sgma")
 
@@ -86,7 +90,14 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
     if last.is_file():
         log.info("%s: resuming from %s", why, last)
         return str(last)
-    if ckpt_path is not None:
+    if ckpt_path is not None and fresh_default_folder(run_dir):
+        log.warning(
+            "ckpt_path=last resumes this run folder's own checkpoint, and %s is the new folder of this run: training "
+            "from scratch. To resume an earlier run, name its folder: hydra.run.dir=<that run folder> ckpt_path=last "
+            "(or ckpt_path=<that run folder>/checkpoints/last.ckpt)",
+            run_dir,
+        )
+    elif ckpt_path is not None:  # a fixed folder's first start (an sbatch script's hydra.run.dir)
         log.info("ckpt_path=last: %s does not exist yet: training from scratch", last)
     elif restart:
         log.warning(
@@ -96,6 +107,19 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
             last,
         )
     return None
+
+
+def fresh_default_folder(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is the timestamped folder Hydra made for this very run (conf/hydra: ``runs/<time>``, or a
+    job of ``multiruns/<time>/``) rather than one named on the command line: such a folder never holds a checkpoint
+    of an earlier run."""
+    if not HydraConfig.initialized():
+        return False
+    overrides = HydraConfig.get().overrides.hydra
+    if any(o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
+        return False
+    stamped = [run_dir, run_dir.parent]  # a run folder, or the sweep folder above a job's subdir
+    return any(TIMESTAMPED.fullmatch(p.name) for p in stamped)
 
 
 def requeue(err: TrainingInterrupted) -> None:

@@ -89,6 +89,29 @@ def dataset_facts(dm: MultiModalDataModule) -> dict:
     }
 
 
+def check_facts_match(facts: dict | None, dm: MultiModalDataModule, *, ckpt_path: str, dataset: str) -> None:
+    """Refuse to score a checkpoint on data whose modalities or classes (names, channels, order) differ from its
+    training data's (its stored :func:`dataset_facts`): pattern ids, projector slots and class indices would be
+    silently mismatched, or the weights would not load. No-op for checkpoints written before the facts were
+    stored (their weights still have to fit)."""
+    if not facts:
+        return
+    trained = [f"{m['name']}({m['channels']})" for m in facts["modalities"]]
+    given = [f"{m.name}({m.channels})" for m in dm.modalities]
+    problems = []
+    if trained != given:
+        problems.append(f"modalities (channels): checkpoint {', '.join(trained)}; dataset {', '.join(given)}")
+    if list(facts["classes"]) != list(dm.classes):
+        problems.append(f"classes: checkpoint {', '.join(facts['classes'])}; dataset {', '.join(dm.classes)}")
+    if problems:
+        raise ValueError(
+            f"{ckpt_path} was trained on other modalities or classes than dataset={dataset} has:\n  "
+            + "\n  ".join(problems)
+            + "\nEvaluate it on data with the checkpoint's modalities and classes in the same order (for "
+            "dataset=folder: `modalities` and `classes` in dataset.yaml), or train a model on this dataset."
+        )
+
+
 class StoreConfig(Callback):
     """Puts the resolved run config and the dataset facts into every checkpoint, so ``eval.py`` can rebuild
     the model and ``predict.py`` can run without the training data."""
@@ -394,6 +417,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             run_cfg.eval.missing_probs = cfg.missing_probs
     L.seed_everything(run_cfg.seed, workers=True)
     dm = build_datamodule(run_cfg, trainer=cfg.trainer)  # loaders sized for this evaluation's device
+    facts = ckpt[CHECKPOINT_KEY].get("dataset")
+    check_facts_match(facts, dm, ckpt_path=str(cfg.ckpt_path), dataset=str(run_cfg.dataset.get("name", "?")))
     module = build_module(run_cfg, dm)
     module.load_state_dict(ckpt["state_dict"])
     split = cfg.split

@@ -256,8 +256,13 @@ class MultiModalDataModule(L.LightningDataModule):
         return all_patterns(self.modalities)
 
     def eval_patterns(self, split: str, override: str | Sequence[str] | None = None) -> list[str]:
+        """The patterns scored on ``split``: ``override`` (eval.py's ``patterns=``) or ``data.<split>_patterns``."""
         spec = override if override is not None else self.pattern_lists.get(split, "all")
-        return resolve_patterns(spec, self.modalities)
+        try:
+            return resolve_patterns(spec, self.modalities)
+        except ValueError as err:  # name the option the user set
+            key = "patterns" if override is not None else f"data.{split}_patterns"
+            raise ValueError(f"{key}={spec!r}: {err}") from None
 
     # loaders -------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

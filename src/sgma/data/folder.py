@@ -9,10 +9,12 @@ Layout (``root`` is the folder you pass as ``dataset.builder.root``)::
 
 Splits, first match wins: (1) ``<root>/splits/{train,val,test}.txt``; (2) ``splits:`` lists in the yaml;
 (3) a seeded random split of all stems with ``val_fraction``/``test_fraction``/``split_seed`` from the yaml
-(defaults 0.1 / 0.1 / 0). Every image is decoded once into the memory-mapped cache of
-:mod:`sgma.data.tiles` (``<root>/.sgma_cache/folder-v<version>/``, or ``cache_dir``): uint8 pixels stay
-uint8, any other dtype is stored as float16 (about 3 significant digits; rescale 16-bit data beforehand if
-that matters). No-data values (per modality ``nodata``) and NaNs are set to 0 and counted in the manifest.
+(defaults 0.1 / 0.1 / 0); stems on disk that lists (1) or (2) leave out are not used, with a warning. Each
+raster has exactly its modality's ``channels`` bands, and unknown keys in the yaml are refused. Every image
+is decoded once into the memory-mapped cache of :mod:`sgma.data.tiles` (``<root>/.sgma_cache/folder-v<version>/``
+or ``cache_dir``): uint8 pixels stay uint8, any other dtype is stored as float16 (about 3 significant digits;
+rescale 16-bit data beforehand if that matters). No-data values (per modality ``nodata``) and NaNs are set to 0
+and counted in the manifest.
 A modality may declare the physical range of its values (``valid_range: [low, high]``, e.g. ``[-100, 1000]``
 for heights in metres above ground): values outside it are clipped into it, and float values beyond the
 float16 storage (+-65000) are clipped to it; both are counted per image with one warning. Missing
@@ -29,7 +31,9 @@ so use ``missing=uniform`` or ``missing=pattern missing.pattern=a+b`` rather tha
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -54,12 +58,25 @@ from sgma.data.tiles import (
 )
 from sgma.modalities import KINDS, SEPARATOR, Modality, parse_pattern
 
+log = logging.getLogger("sgma")
+
 NAME = "folder"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABELS = "labels"
 CONFIG_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
 IGNORE_INDEX = 255  # what the framework reads as "ignore" in every mask
+DESCRIPTION_KEYS = (
+    "modalities",
+    "classes",
+    "palette",
+    "ignore_index",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "splits",
+)
+MODALITY_KEYS = ("name", "channels", "kind", "value_max", "mean", "std", "nodata", "valid_range")
 
 TREE = """\
 <root>/
@@ -132,6 +149,27 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
     def bad(msg: str) -> ValueError:
         return ValueError(f"{path}: {msg}. Example:\n{EXAMPLE_YAML}")
 
+    def check_keys(given: Mapping[str, Any], valid: Sequence[str], where: str = "") -> None:
+        """A typo'd key would silently leave its default in force: refuse it, suggesting the nearest key."""
+        unknown = [str(k) for k in given if k not in valid]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hints.append(repr(where + key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise bad(f"unknown key(s) {', '.join(hints)}; valid keys{' there' * bool(where)}: {', '.join(valid)}")
+
+    def number(key: str, value: Any, kind: type = float) -> Any:
+        """``value`` as ``kind`` (int or float), or an error naming the key and the value."""
+        try:
+            out = kind(value)
+            if isinstance(value, bool) or (kind is int and out != float(value)):  # no True -> 1, no 2.5 -> 2
+                raise ValueError
+        except (TypeError, ValueError):
+            raise bad(f"{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
+        return out
+
+    check_keys(desc, DESCRIPTION_KEYS)
     mods = desc.get("modalities")
     if not isinstance(mods, list) or not mods:
         raise bad("'modalities' must be a non-empty list of {name, channels, kind?, value_max?, mean?, std?, nodata?}")
@@ -142,15 +180,18 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         name = str(m["name"])
         if not name or name != name.lower() or SEPARATOR in name or name == LABELS or "/" in name:
             raise bad(f"modality name {name!r} must be lowercase, without {SEPARATOR!r} or '/', and not {LABELS!r}")
-        channels = int(m["channels"])
+        check_keys(m, MODALITY_KEYS, f"modalities.{name}.")
+        at = f"modalities.{name}"
+        channels = number(f"{at}.channels", m["channels"], int)
         if channels < 1:
             raise bad(f"modality {name!r}: channels must be >= 1")
-        entry = {"name": name, "channels": channels, "nodata": m.get("nodata"), "valid_range": None}
+        nodata = None if m.get("nodata") is None else number(f"{at}.nodata", m["nodata"])
+        entry = {"name": name, "channels": channels, "nodata": nodata, "valid_range": None}
         # kind (default other) and value_max steer training augmentation only (sgma.data.augment)
         entry["kind"] = str(m.get("kind", "other"))
         if entry["kind"] not in KINDS:
             raise bad(f"modality {name!r}: kind must be one of {', '.join(KINDS)}, got {entry['kind']!r}")
-        entry["value_max"] = None if m.get("value_max") is None else float(m["value_max"])
+        entry["value_max"] = None if m.get("value_max") is None else number(f"{at}.value_max", m["value_max"])
         if entry["kind"] == "optical" and not (entry["value_max"] or 0) > 0:
             raise bad(
                 f"modality {name!r} is optical: give value_max, its raw value of full brightness (255 for 8-bit "
@@ -168,7 +209,7 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         for key in ("mean", "std"):
             v = m.get(key)
             if v is not None:
-                v = [float(x) for x in (v if isinstance(v, list | tuple) else [v])]
+                v = [number(f"{at}.{key}", x) for x in (v if isinstance(v, list | tuple) else [v])]
                 if len(v) != channels:
                     raise bad(f"modality {name!r}: {key} has {len(v)} values for {channels} channels")
             entry[key] = v
@@ -184,17 +225,19 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
     if not isinstance(classes, list) or not classes:
         raise bad("'classes' must be a non-empty list of class names")
     classes = [str(c) for c in classes]
-    ignore = int(desc.get("ignore_index", IGNORE_INDEX))
+    ignore = number("ignore_index", desc.get("ignore_index", IGNORE_INDEX), int)
     if not 0 <= ignore <= 255 or len(classes) > 255 or ignore < len(classes):
         raise bad(f"ignore_index={ignore} must be in [{len(classes)}, 255] (up to 255 classes are supported)")
     palette = desc.get("palette")
     if palette is not None:
-        palette = [tuple(int(v) for v in c) for c in palette]
+        if not isinstance(palette, list) or not all(isinstance(c, list) for c in palette):
+            raise bad(f"'palette' must be a list of [r, g, b] triples, got {palette!r}")
+        palette = [tuple(number(f"palette[{i}]", v, int) for v in c) for i, c in enumerate(palette)]
         if len(palette) != len(classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
             raise bad(f"'palette' needs one [r, g, b] triple (0-255) per class ({len(classes)} classes)")
         if len(set(palette)) != len(palette):
             raise bad("'palette' colours must be distinct")
-    fractions = {k: float(desc.get(k, 0.1)) for k in ("val_fraction", "test_fraction")}
+    fractions = {k: number(k, desc.get(k, 0.1)) for k in ("val_fraction", "test_fraction")}
     if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
         raise bad(f"val_fraction/test_fraction {fractions} must be in [0, 1) and sum to less than 1")
     splits = desc.get("splits")
@@ -208,7 +251,7 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "palette": palette,
         "ignore_index": ignore,
         "splits": {s: [str(x) for x in v] for s, v in splits.items()} if splits else None,
-        "split_seed": int(desc.get("split_seed", 0)),
+        "split_seed": number("split_seed", desc.get("split_seed", 0), int),
         **fractions,
     }
 
@@ -410,6 +453,16 @@ class FolderDataset(CachedCropDataset):
                 if x in seen and seen[x] != s:
                     raise ValueError(f"folder dataset: stem {x!r} is in both the {seen[x]} and {s} splits ({how})")
                 seen[x] = s
+        unlisted = [x for x in stems if x not in seen]
+        if unlisted:
+            log.warning(
+                "folder dataset: %s leaves out %d stem(s) found under %s, e.g. %s; they are not used. List them in "
+                "a split, or remove their files",
+                how,
+                len(unlisted),
+                self.root,
+                unlisted[:5],
+            )
         return out, how
 
     def _check_sizes(self, stem: str, files: dict[str, Path]) -> tuple[int, int]:
@@ -422,10 +475,14 @@ class FolderDataset(CachedCropDataset):
                     f"folder dataset: size mismatch for stem {stem!r}: {path} is {rh} x {rw} px but "
                     f"{files[ref_key]} is {h} x {w} px"
                 )
-            if key != LABELS and bands < self._mods[key]["channels"]:
+            if key == LABELS:  # their bands are checked when decoded: class ids or palette colours
+                continue
+            channels = self._mods[key]["channels"]
+            if bands != channels:  # more bands than declared would silently train on the first ones only
                 raise ValueError(
-                    f"folder dataset: {path} has {bands} band(s) but modality {key!r} declares "
-                    f"{self._mods[key]['channels']} channels in {self.description_file.name}"
+                    f"folder dataset: {path} has {bands} band(s) but modality {key!r} declares {channels} "
+                    f"channel(s) in {self.description_file}: set 'channels: {bands}' for {key!r} there, or write "
+                    f"its rasters with {channels} band(s)"
                 )
         return h, w
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sgma.data.tiles import random_window, read_window
+from sgma.data.tiles import check_crop_size, random_window, read_window
 from sgma.modalities import Modality, format_pattern, parse_pattern
 
 CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
@@ -599,16 +599,6 @@ def render_scene(
     return out
 
 
-def _check_image_size(image_size: int) -> int:
-    if int(image_size) != image_size or image_size <= 0 or image_size % 32:
-        nearest = max(32, round(image_size / 32) * 32)
-        raise ValueError(
-            f"image_size={image_size} is not a multiple of 32; use {nearest} "
-            "(encoders downsample by 32, so input sides must be multiples of 32)"
-        )
-    return int(image_size)
-
-
 class SyntheticScenes(torch.utils.data.Dataset):
     """Raw (un-normalised) synthetic samples: each modality float32 (C, H, W), ``"mask"`` int64 (H, W).
 
@@ -640,7 +630,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.split = split
         self.num_samples = int(num_samples)
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_crop_size(image_size)  # image_size is dataset.size
         self.seed = int(seed)
         names = parse_pattern(modalities, tuple(MODALITIES))
         self.modalities: tuple[Modality, ...] = tuple(MODALITIES[n] for n in names)

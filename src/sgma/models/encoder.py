@@ -75,6 +75,17 @@ def load_encoder_weights(encoder: nn.Module, path: Path, *, name: str) -> None:
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     # ImageNet checkpoints carry a classification head the encoder has no slot for
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    own = encoder.state_dict()
+    mismatched = [
+        f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+    ]
+    if mismatched:  # another variant of the family (e.g. mit_b1 weights for mit_b0): torch would dump every tensor
+        raise RuntimeError(
+            f"backbone weights {str(path)!r} do not fit {name!r}: {len(mismatched)} tensors have other shapes "
+            f"(e.g. {'; '.join(mismatched[:3])}); is it a {name} checkpoint, or one of another variant?"
+        )
     # nn.Module's own loader: smp encoders override load_state_dict with differing signatures
     result = nn.Module.load_state_dict(encoder, state, strict=False)
     if result.missing_keys or result.unexpected_keys:
