@@ -309,9 +309,10 @@ def _write_tiff(path, array, *, georeferenced=True, nodata=None):
 
 
 def _bad_scene(folder, georeferenced=True):
-    """rgb (uint8, nodata 0 at 6 px) and dsm (float32: 200 NaN, 1 inf, 50 px of its nodata -9999); the mask."""
+    """rgb (reflectance as the synthetic training data, nodata 0 at 6 px) and dsm (metres, float32: 200 NaN, 1 inf,
+    50 px of its nodata -9999); the mask."""
     rng = np.random.default_rng(1)
-    rgb = rng.integers(1, 255, (3, 90, 100), dtype=np.uint8)
+    rgb = rng.uniform(0.05, 0.7, (3, 90, 100)).astype(np.float32)
     rgb[:, 0:2, 0:3] = 0
     dsm = rng.normal(10.0, 3.0, (1, 90, 100)).astype(np.float32)
     dsm[0, 10:20, 10:30] = np.nan
@@ -363,12 +364,89 @@ def test_predict_fills_counts_and_marks_nodata(sgma_ckpt, tmp_path, caplog, geor
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
+def test_predict_warns_about_inputs_on_another_value_scale(sgma_ckpt, tmp_path, caplog):
+    """The model learnt reflectance in [0, 1] (synthetic rgb) and heights in metres; 16-bit digital numbers are
+    predicted, with a warning naming the modality, the file, both scales and the likely causes."""
+    rng = np.random.default_rng(0)
+    dsm = rng.normal(5.0, 4.0, (1, 64, 64)).astype(np.float32)
+    write_geotiff(tmp_path / "ok" / "rgb.tif", rng.uniform(0.1, 0.6, (3, 64, 64)).astype(np.float32))
+    write_geotiff(tmp_path / "ok" / "dsm.tif", dsm)
+    write_geotiff(tmp_path / "dn" / "rgb.tif", rng.integers(0, 4000, (3, 64, 64), dtype=np.uint16))
+    write_geotiff(tmp_path / "dn" / "dsm.tif", dsm)
+    for scene in ("ok", "dn"):
+        with caplog.at_level("WARNING", logger="sgma"):
+            predict(_predict_cfg(sgma_ckpt, tmp_path / scene, tmp_path / f"out_{scene}", "pattern=rgb+dsm"))
+        warned = [r.getMessage() for r in caplog.records if "standard deviations off" in r.getMessage()]
+        if scene == "ok":
+            assert not warned, warned
+            continue
+        assert len(warned) == 1 and warned[0].startswith(f"input rgb ({tmp_path / 'dn' / 'rgb.tif'}): mean value")
+        assert "where the training data's is [0.355, 0.363, 0.304]" in warned[0] and "bit depth" in warned[0]
+        assert (tmp_path / "out_dn" / "prediction.tif").is_file()
+
+
 def test_predict_refuses_a_modality_without_data(sgma_ckpt, tmp_path):
     rng = np.random.default_rng(0)
     write_geotiff(tmp_path / "in" / "rgb.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
     write_geotiff(tmp_path / "in" / "dsm.tif", np.full((1, 64, 64), np.nan, np.float32))
     with pytest.raises(ValueError, match=r"'dsm' has no valid pixel .*pattern=rgb"):
         predict(_predict_cfg(sgma_ckpt, tmp_path / "in", tmp_path / "out", "pattern=rgb+dsm"))
+
+
+def test_predict_refuses_rasters_on_different_grids(sgma_ckpt, tmp_path, caplog):
+    """Same size is not same grid: CRS and pixel grid are compared (to 1/100 px); rasters without a georeference
+    beside georeferenced ones are warned about, since only their size can be checked."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    rgb, nir = (rng.uniform(0.1, 0.6, (c, 64, 64)).astype(np.float32) for c in (3, 1))  # the training scales
+    dsm = rng.integers(0, 15, (1, 64, 64), dtype=np.uint8)  # metres, and a PNG can hold it
+    folder, out = tmp_path / "in", tmp_path / "out"
+    write_geotiff(folder / "rgb.tif", rgb, origin=(500000.0, 5800000.0), gsd=0.05, epsg=32633)
+    write_geotiff(folder / "nir.tif", nir, origin=(500000.0, 5800000.0), gsd=0.05, epsg=32633)
+    write_geotiff(folder / "dsm.tif", dsm, origin=(300000.0, 4000000.0), gsd=1.0, epsg=32632)
+    with pytest.raises(ValueError, match="not on one grid") as err:
+        predict(_predict_cfg(sgma_ckpt, folder, out))
+    message = str(err.value)
+    assert f"{str(folder / 'rgb.tif')!r} (the first georeferenced one" in message and "nir.tif" not in message
+    assert "EPSG:32633, origin (500000.0, 5800000.0), pixel size (0.05, -0.05)" in message
+    assert f"{str(folder / 'dsm.tif')!r}: EPSG:32632, origin (300000.0, 4000000.0), pixel size (1.0, -1.0)" in message
+    assert "gdalwarp -t_srs EPSG:32633 -te 500000.0 5799996.8 500003.2 5800000.0 -ts 64 64" in message
+    write_geotiff(folder / "dsm.tif", dsm, origin=(500000.025, 5800000.0), gsd=0.05, epsg=32633)  # half a pixel
+    with pytest.raises(ValueError, match=r"dsm.tif': EPSG:32633, origin \(500000.025, 5800000.0\)"):
+        predict(_predict_cfg(sgma_ckpt, folder, out))
+    assert list(out.iterdir()) == []
+
+    write_geotiff(folder / "dsm.tif", dsm, origin=(500000.0 + 1e-9, 5800000.0), gsd=0.05 + 1e-12, epsg=32633)
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="sgma"):
+        warnings.simplefilter("ignore")
+        assert predict(_predict_cfg(sgma_ckpt, folder, out))["georeferenced"]  # float noise is the same grid
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        (folder / "dsm.tif").unlink()
+        Image.fromarray(dsm[0]).save(folder / "dsm.png")
+        predict(_predict_cfg(sgma_ckpt, folder, out, "overwrite=true"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert f"raster(s) have no georeference while others of their scene have one: {folder / 'dsm.png'}" in warned[0]
+
+
+def test_predict_band_count_error_says_what_to_give(sgma_ckpt, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / "rgb.png")  # greyscale
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / "dsm.png")
+    with pytest.raises(ValueError) as err:
+        predict(_predict_cfg(sgma_ckpt, folder, tmp_path / "out", "pattern=rgb+dsm"))
+    assert str(err.value) == (
+        f"{str(folder / 'rgb.png')!r} has 1 band(s) but modality 'rgb' has 3: give rgb as a 3-band raster, its bands "
+        "in the order of the model's training data (the checkpoint records the count, not the band names), or "
+        "predict without it: pattern=dsm"
+    )
+    with pytest.raises(ValueError, match=r"has 3: give rgb as a 3-band raster.*band names\)$"):
+        predict(_predict_cfg(sgma_ckpt, folder, tmp_path / "out", "pattern=rgb"))  # no other modality to fall back on
 
 
 def test_predict_outputs_are_whole_or_absent(sgma_ckpt, tmp_path, monkeypatch):
@@ -555,6 +633,25 @@ def test_find_scenes_layouts(tmp_path):
     (tmp_path / "rgb.tif").unlink()
     with pytest.raises(ValueError, match=r"several rasters for scene 'a' \(a.png, a.tif\)"):
         find_scenes(tmp_path, ["rgb", "dsm"])
+
+
+def test_find_scenes_names_files_it_cannot_read(tmp_path, caplog):
+    """A scene in another format (rgb/d.webp) is named with the supported formats; a raster's companions are not."""
+    from PIL import Image
+
+    from sgma.inference import find_scenes
+
+    _batch_tree(tmp_path)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb" / "d.webp")
+    (tmp_path / "rgb" / "a.tif.aux.xml").write_text("<PAMDataset/>")  # GDAL's sidecar of a.tif
+    (tmp_path / "dsm" / "b.pgw").write_text("1\n0\n0\n-1\n0\n0\n")  # b.png's world file
+    with caplog.at_level("WARNING", logger="sgma"):
+        assert list(find_scenes(tmp_path, ["rgb", "dsm"])) == ["a", "b"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "rgb/ has 1 file(s) that are not in a raster format predict reads, ignored: d.webp. Supported: .tif, .tiff, "
+        ".png, .jpg, .jpeg; convert the others to predict them (e.g. gdal_translate -of GTiff d.webp d.tif)"
+    ]
 
 
 def test_read_inputs_applies_the_training_transform(tmp_path):

@@ -481,16 +481,36 @@ def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, P
 
 
 def _rasters_by_stem(folder: Path) -> dict[str, Path]:
-    """The rasters of one modality folder by stem (hidden files and other suffixes, e.g. .aux.xml, skipped)."""
+    """The rasters of one modality folder by stem. Hidden files, folders and a raster's companions (``a.tif.aux.xml``,
+    ``a.tfw``) are skipped quietly; anything else that is not a raster is named in a warning, since a scene
+    saved in another format (``a.webp``) would otherwise just be missing from the outputs."""
     by_stem: dict[str, Path] = {}
+    others = []
     for p in _list_folder(folder):
-        if p.name.startswith(".") or p.suffix.lower() not in RASTER_SUFFIXES:
+        if p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in RASTER_SUFFIXES:
+            if not p.is_dir():
+                others.append(p.name)
             continue
         if p.stem in by_stem:
             raise ValueError(
                 f"{str(folder)!r} has several rasters for scene {p.stem!r} ({by_stem[p.stem].name}, {p.name}): keep one"
             )
         by_stem[p.stem] = p
+    # a companion's name is a raster's stem + "." + more (stems may hold dots: SV_Copenhagen_55.6770_12.5319)
+    ignored = [name for name in others if not any(name[:i] in by_stem for i, c in enumerate(name) if c == ".")]
+    if ignored:
+        log.warning(
+            "%s/ has %d file(s) that are not in a raster format predict reads, ignored: %s. Supported: %s; convert "
+            "the others to predict them (e.g. gdal_translate -of GTiff %s %s.tif)",
+            folder.name,
+            len(ignored),
+            _shortlist(ignored),
+            ", ".join(RASTER_SUFFIXES),
+            ignored[0],
+            Path(ignored[0]).stem,
+        )
     return by_stem
 
 
@@ -587,8 +607,9 @@ def _unreadable(path: Path, err: Exception) -> OSError:
     return OSError(f"cannot read raster {str(path)!r}: it is truncated, corrupt or not a raster GDAL reads ({err})")
 
 
-def raster_header(path: Path) -> tuple[int, int, int, bool]:
-    """(bands, height, width, georeferenced) from the header alone, so every scene is checked before any runs."""
+def raster_header(path: Path) -> tuple[int, int, int, dict[str, Any] | None]:
+    """(bands, height, width, georeference ({crs, transform}) or None) from the header alone, so every scene is
+    checked before any runs."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
@@ -597,31 +618,88 @@ def raster_header(path: Path) -> tuple[int, int, int, bool]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                return src.count, src.height, src.width, src.crs is not None
+                geo = {"crs": src.crs, "transform": src.transform} if src.crs is not None else None
+                return src.count, src.height, src.width, geo
     except rasterio.errors.RasterioError as err:
         raise _unreadable(path, err) from err
 
 
-def _check_grid(shapes: Mapping[str, tuple[Path, int, int, int]], modalities: Sequence[Modality]) -> None:
-    """Band counts match the modalities and every raster covers the same H x W (``shapes``: name -> path, C, H, W)."""
+GRID_TOLERANCE_PX = 0.01  # rasters of one grid written by different tools differ by float rounding, far less
+
+
+def _describe_grid(geo: Mapping[str, Any]) -> str:
+    t = geo["transform"]
+    rotation = f", rotation ({t.b}, {t.d})" if t.b or t.d else ""
+    return f"{geo['crs'].to_string()}, origin ({t.c}, {t.f}), pixel size ({t.a}, {t.e}){rotation}"
+
+
+def _same_grid(a: Mapping[str, Any], b: Mapping[str, Any], h: int, w: int) -> bool:
+    """Same CRS, and the corners of b's H x W raster land within :data:`GRID_TOLERANCE_PX` of a's (a pixel size
+    error grows across a raster, so the corners are compared, not the transforms' coefficients)."""
+    if a["crs"] != b["crs"]:
+        return False
+    to_a = ~a["transform"] * b["transform"]  # b's pixel coordinates -> a's
+    return all(
+        abs(x - cx) < GRID_TOLERANCE_PX and abs(y - cy) < GRID_TOLERANCE_PX
+        for cx, cy in ((0, 0), (w, 0), (0, h), (w, h))
+        for x, y in [to_a * (cx, cy)]
+    )
+
+
+def _check_grid(
+    shapes: Mapping[str, tuple[Path, int, int, int, dict[str, Any] | None]], modalities: Sequence[Modality]
+) -> None:
+    """Band counts match the modalities, every raster covers the same H x W and the georeferenced ones share the
+    first one's CRS and pixel grid (``shapes``: name -> path, C, H, W, georeference or None). Rasters without a
+    georeference can only be checked by size (:func:`check_input_headers` reports them)."""
     for m in modalities:
-        path, bands, _, _ = shapes[m.name]
+        path, bands, *_ = shapes[m.name]
         if bands != m.channels:
-            raise ValueError(f"{str(path)!r} has {bands} band(s) but modality {m.name!r} has {m.channels}")
-    if len({(h, w) for _, _, h, w in shapes.values()}) > 1:
-        listed = ", ".join(f"{str(p)!r}: {h}x{w}" for p, _, h, w in shapes.values())
+            others = [n.name for n in modalities if n.name != m.name]
+            drop = f", or predict without it: pattern={'+'.join(others)}" if others else ""
+            raise ValueError(
+                f"{str(path)!r} has {bands} band(s) but modality {m.name!r} has {m.channels}: give {m.name} as a "
+                f"{m.channels}-band raster, its bands in the order of the model's training data (the checkpoint "
+                f"records the count, not the band names){drop}"
+            )
+    if len({(h, w) for _, _, h, w, _ in shapes.values()}) > 1:
+        listed = ", ".join(f"{str(p)!r}: {h}x{w}" for p, _, h, w, _ in shapes.values())
         raise ValueError(f"input rasters have different sizes ({listed}); every modality must cover the same grid")
+    geos = [(p, g) for p, _, _, _, g in shapes.values() if g is not None]
+    if not geos:
+        return
+    (ref_path, ref), (h, w) = geos[0], next(iter(shapes.values()))[2:4]
+    off = [(p, g) for p, g in geos[1:] if not _same_grid(ref, g, h, w)]
+    if off:
+        listed = "; ".join(f"{str(p)!r}: {_describe_grid(g)}" for p, g in off)
+        t = ref["transform"]
+        example = ""
+        if not (t.b or t.d):  # north-up: the target grid fits gdalwarp's extent + size
+            from rasterio.transform import array_bounds
+
+            west, south, east, north = array_bounds(h, w, t)
+            example = (
+                f", e.g. gdalwarp -t_srs {ref['crs'].to_string()} -te {west} {south} {east} {north} -ts {w} {h} "
+                f"-r bilinear {off[0][0].name} aligned.tif, then put aligned.tif in place of {off[0][0].name}"
+            )
+        raise ValueError(
+            f"input rasters are not on one grid, so their pixels would be fused at different places: "
+            f"{str(ref_path)!r} (the first georeferenced one, whose georeference the outputs take) has "
+            f"{_describe_grid(ref)}, but {listed}. Reproject/resample them onto {ref_path.name}'s grid{example}"
+        )
 
 
-def check_input_headers(files: Mapping[str, Path], modalities: Sequence[Modality]) -> bool:
-    """Check one scene's band counts and sizes from the headers; True when any of its rasters is georeferenced."""
-    shapes, georeferenced = {}, False
+def check_input_headers(files: Mapping[str, Path], modalities: Sequence[Modality]) -> tuple[bool, list[Path]]:
+    """Check one scene's band counts, sizes and grids from the headers. Returns whether any of its rasters is
+    georeferenced and, if so, those that are not: nothing but their size says they are on the same grid."""
+    shapes = {}
     for m in modalities:
         bands, h, w, geo = raster_header(files[m.name])
-        shapes[m.name] = (files[m.name], bands, h, w)
-        georeferenced |= geo
+        shapes[m.name] = (files[m.name], bands, h, w, geo)
     _check_grid(shapes, modalities)
-    return georeferenced
+    plain = [p for p, *_, geo in shapes.values() if geo is None]
+    georeferenced = len(plain) < len(shapes)
+    return georeferenced, plain if georeferenced else []
 
 
 def read_input_raster(path: Path) -> tuple[np.ndarray, dict[str, Any] | None, np.ndarray | None, float | None]:
@@ -681,7 +759,7 @@ def read_inputs(
     for m in modalities:
         array, g, masks[m.name], nodata[m.name] = read_input_raster(files[m.name])
         arrays[m.name] = array
-        shapes[m.name] = (files[m.name], *array.shape)
+        shapes[m.name] = (files[m.name], *array.shape, g)
         geo = geo or g
     _check_grid(shapes, modalities)
     for m in modalities:
@@ -907,7 +985,7 @@ def predict(cfg: Any) -> dict[str, Any]:
       outputs go to ``cfg.output_dir`` (default: the run folder);
     - many scenes: one folder per modality, ``<modality>/<stem>.tif`` (DFC2023's released ``val/`` and
       ``test/``, the folder dataset's tree): every stem of the first modality's folder is predicted into
-      ``<output_dir>/<stem>/``. All scenes are found, their headers checked (bands, sizes) and every output
+      ``<output_dir>/<stem>/``. All scenes are found, their headers checked (bands, sizes, grids) and every output
       name checked for collisions before the model is loaded (once); a failing scene stops the run with an
       error naming the scenes already written.
 
@@ -971,7 +1049,17 @@ def predict(cfg: Any) -> dict[str, Any]:
     if batch:
         log.info("input=%s: %d scene(s) in %s/ (%s)", cfg.input, len(scenes), present[0].name, _shortlist(list(scenes)))
     robust_names = [m.name for m in present] if want else None
-    planned = {s: output_names(check_input_headers(files, present), robust_names) for s, files in scenes.items()}
+    headers = {s: check_input_headers(files, present) for s, files in scenes.items()}
+    planned = {s: output_names(georeferenced, robust_names) for s, (georeferenced, _) in headers.items()}
+    unchecked = [str(p) for _, plain in headers.values() for p in plain]
+    if unchecked:  # legitimate (ISPRS Potsdam's nDSMs are JPEGs beside GeoTIFFs), but only their size is checked
+        log.warning(
+            "%d input raster(s) have no georeference while others of their scene have one: %s. Only their size is "
+            "checked, so they are fused as if on the georeferenced rasters' grid, which the outputs take; if they "
+            "are not, reproject them onto it (e.g. gdalwarp) or give them their georeference (save them as GeoTIFFs)",
+            len(unchecked),
+            _shortlist(unchecked),
+        )
     check_no_outputs(
         out_dir, [f"{s}/{n}" if batch else n for s, ns in planned.items() for n in ns], overwrite=overwrite
     )
@@ -1051,12 +1139,40 @@ def _transforms_for(transforms: Mapping[str, Any], present: Sequence[Modality]) 
     return out
 
 
+# a scene whose mean lies this many training standard deviations from the training mean is on another scale (bit
+# depth, digital numbers vs reflectance, absolute DSM vs nDSM), not just an unusual scene
+SCALE_WARNING_STDS = 8.0
+
+
+def warn_on_value_scale(raw: Mapping[str, np.ndarray], present: Sequence[Modality], files: Mapping[str, Path]) -> None:
+    """Warn about each modality whose values (after the stored transforms; invalid pixels already filled with
+    the training mean) are far off the training data's per-channel mean and std."""
+    for m in present:
+        x = raw[m.name]
+        means = x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float64)
+        stds = [abs(mu - m.mean[c]) / m.std[c] for c, mu in enumerate(means)]
+        if max(stds) > SCALE_WARNING_STDS:
+            log.warning(
+                "input %s (%s): mean value per band %s, where the training data's is %s with std %s (%.0f standard "
+                "deviations off). Is it on the training data's scale (bit depth, reflectance vs digital numbers, "
+                "absolute DSM vs nDSM)? Rescale it to that scale, or the prediction is unreliable",
+                m.name,
+                files[m.name],
+                [round(float(v), 3) for v in means],
+                [round(v, 3) for v in m.mean],
+                [round(v, 3) for v in m.std],
+                max(stds),
+            )
+
+
 def _read_scene(
     files: Mapping[str, Path], present: Sequence[Modality], transforms: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """One scene's inputs, transformed, with NaN / inf / nodata filled; a modality with no valid pixel is refused."""
+    """One scene's inputs, transformed, with NaN / inf / nodata filled; a modality with no valid pixel is refused,
+    one on another value scale than the training data's warned about."""
     raw, geo, nodata_masks = read_inputs(files, present, transforms)
     raw, invalid, counts = fill_invalid(raw, present, nodata_masks)
+    warn_on_value_scale(raw, present, files)
     h, w = next(iter(raw.values())).shape[-2:]
     for name, c in counts.items():
         if c["pixels"] == h * w:
