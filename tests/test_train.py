@@ -124,6 +124,32 @@ def test_eval_refuses_data_the_checkpoint_was_not_trained_on(sgma_ckpt, tmp_path
     )
 
 
+def test_eval_normalises_with_the_checkpoints_training_statistics(sgma_ckpt, tmp_path, caplog):
+    """Data whose own statistics differ from the training data's (a new area, another root) is scaled as in
+    training, with the checkpoint's mean and std, and the difference is logged."""
+    from sgma.builders import build_datamodule
+
+    ckpt = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)
+    rgb = next(m for m in ckpt["sgma"]["dataset"]["modalities"] if m["name"] == "rgb")
+    rgb["mean"], rgb["std"] = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]  # as if trained on data with these statistics
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    with caplog.at_level("INFO", logger="sgma"):
+        _, objects = evaluate(bind_to(compose_config("eval", [f"ckpt_path={other}", "split=val"]), tmp_path / "e"))
+    assert "this dataset's own differ for rgb (rgb: mean [0.355, 0.363, 0.304]" in caplog.text
+    dm = objects["datamodule"]
+    assert [m.mean for m in objects["module"].net.modalities if m.name == "rgb"] == [(0.5, 0.5, 0.5)]
+    val = dm.dataset("val")
+    full = len(val.patterns) - 1  # rgb+nir+dsm
+    raw = val.base[0]["rgb"]
+    torch.testing.assert_close(val[(0, full)]["rgb"], (raw - 0.5) / 0.25)
+
+    own = next(m for m in val.base.modalities if m.name == "rgb")  # a data module of its own uses these
+    plain = build_datamodule(bind_to(compose_config("train", ["debug=tiny", "logger=csv"]), tmp_path / "t"))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (own.mean, own.std))
+    torch.testing.assert_close(plain.dataset("val")[(0, full)]["rgb"], (raw - mean) / std)
+
+
 def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     return subprocess.run(

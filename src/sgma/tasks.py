@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -419,6 +420,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     dm = build_datamodule(run_cfg, trainer=cfg.trainer)  # loaders sized for this evaluation's device
     facts = ckpt[CHECKPOINT_KEY].get("dataset")
     check_facts_match(facts, dm, ckpt_path=str(cfg.ckpt_path), dataset=str(run_cfg.dataset.get("name", "?")))
+    if facts:  # other data (a new area, another root) is scaled with the statistics the model was trained with
+        trained = {m["name"]: (m["mean"], m["std"]) for m in facts["modalities"]}
+        own = {m.name: (list(m.mean), list(m.std)) for m in dm.modalities}
+        differ = [n for n in trained if not np.allclose(np.r_[trained[n]], np.r_[own[n]], rtol=1e-5, atol=0)]
+        if differ:
+            log.info(
+                "normalising with the checkpoint's training statistics, as in training; this dataset's own differ "
+                "for %s (%s)",
+                ", ".join(differ),
+                "; ".join(f"{n}: mean {own[n][0]} std {own[n][1]} vs {trained[n][0]} {trained[n][1]}" for n in differ),
+            )
+        dm.normalise_with(trained)
     module = build_module(run_cfg, dm)
     module.load_state_dict(ckpt["state_dict"])
     split = cfg.split

@@ -12,6 +12,7 @@ draws patterns with a :class:`~sgma.data.missing.MissingPolicy`; validation and 
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +54,14 @@ class IncompleteModalityDataset(Dataset):
     # which are drawn from (dataset seed, epoch, index), even when both seeds are equal
     AUGMENT_STREAM = 1
 
-    def __init__(self, base: Dataset, *, augment: Augment | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        *,
+        augment: Augment | None = None,
+        seed: int = 0,
+        modalities: Sequence[Modality] | None = None,
+    ) -> None:
         self.base = base
         self.augment = augment
         self.seed = int(seed)
@@ -62,7 +70,10 @@ class IncompleteModalityDataset(Dataset):
                 f"{type(base).__name__} cannot serve training samples: a train dataset needs crop_size and "
                 f"sample(index, epoch, window, names) (see sgma.data.tiles.CachedCropDataset)"
             )
-        self.modalities: tuple[Modality, ...] = tuple(base.modalities)
+        # ``modalities``: the base's own, with other normalisation statistics (eval.py: the checkpoint's)
+        self.modalities: tuple[Modality, ...] = tuple(base.modalities if modalities is None else modalities)
+        if [(m.name, m.channels) for m in self.modalities] != [(m.name, m.channels) for m in base.modalities]:
+            raise ValueError(f"modalities {self.modalities} do not match the dataset's {tuple(base.modalities)}")
         self.patterns = all_patterns(self.modalities)
         self.masks = torch.tensor([pattern_mask(p, self.modalities) for p in self.patterns])
         self.norm = {
@@ -203,6 +214,8 @@ class MultiModalDataModule(L.LightningDataModule):
         augment: Augment | None = None,
     ) -> None:
         super().__init__()
+        # modality -> (mean, std) used instead of the dataset's own statistics (see normalise_with)
+        self.normalisation: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
         if sampler not in ("random", "mas"):
             raise ValueError(f"data.sampler must be 'random' or 'mas', got {sampler!r}")
         self.sampler = sampler
@@ -229,9 +242,23 @@ class MultiModalDataModule(L.LightningDataModule):
             if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
             base = self.factory(split=split, **self.splits[split])
-            augment = self.augment if split == "train" else None
-            self._datasets[split] = IncompleteModalityDataset(base, augment=augment, seed=self.seed)
+            self._datasets[split] = self._wrap(base, split)
         return self._datasets[split]
+
+    def _wrap(self, base: Dataset, split: str) -> IncompleteModalityDataset:
+        stats = self.normalisation
+        modalities = [
+            dataclasses.replace(m, mean=stats[m.name][0], std=stats[m.name][1]) if m.name in stats else m
+            for m in base.modalities
+        ]
+        augment = self.augment if split == "train" else None
+        return IncompleteModalityDataset(base, augment=augment, seed=self.seed, modalities=modalities)
+
+    def normalise_with(self, statistics: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> None:
+        """Normalise every split with ``statistics`` (modality -> (mean, std)) instead of the dataset's own, e.g. a
+        checkpoint's training statistics (eval.py), so a model scores other data scaled as in its training."""
+        self.normalisation = {k: (tuple(map(float, m)), tuple(map(float, s))) for k, (m, s) in statistics.items()}
+        self._datasets = {split: self._wrap(ds.base, split) for split, ds in self._datasets.items()}
 
     # dataset facts -------------------------------------------------------------------------------------
     @property
