@@ -251,7 +251,8 @@ def test_more_bands_than_declared_channels_is_an_error(fresh):
         # values that do not convert: the key and the value, not a bare int()/float() error
         ("dsm", {"channels": "three"}, r"modalities\.dsm\.channels must be a whole number, got 'three'"),
         ("dsm", {"nodata": "none"}, r"modalities\.dsm\.nodata must be a number, got 'none'"),
-        ("rgb", {"mean": ["x", "y", "z"], "std": [1, 1, 1]}, r"modalities\.rgb\.mean must be a number, got 'x'"),
+        ("rgb", {"mean": ["x", "y", "z"], "std": [1, 1, 1]}, r"modalities\.rgb\.mean must be a finite number, got 'x'"),
+        ("rgb", {"std": [1, float("nan"), 1]}, r"modalities\.rgb\.std must be a finite number, got nan"),
         (None, {"ignore_index": "none"}, r"ignore_index must be a whole number, got 'none'"),
         (None, {"palette": [["a", 0, 0]] * 3}, r"palette\[0\] must be a whole number, got 'a'"),
     ],

@@ -499,6 +499,12 @@ def test_input_rasters_say_what_they_are(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"input=.* is a file"):
         find_modality_files(tmp_path / "file", ["rgb"])
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    (scene / "rgb.png").write_bytes(b"")
+    (scene / "dsm.webp").write_bytes(b"")  # the modality is there, in a format predict does not read
+    with pytest.raises(FileNotFoundError, match=r"no raster for modality 'dsm' .*\['dsm.webp'\] is in a format"):
+        find_modality_files(scene, ["rgb", "dsm"])
     (tmp_path / "dsm.tif").mkdir()
     with pytest.raises(IsADirectoryError, match=r"dsm.tif' is a folder"):
         read_input_raster(tmp_path / "dsm.tif")

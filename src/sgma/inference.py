@@ -470,9 +470,16 @@ def find_modality_files(folder: str | Path, names: Sequence[str]) -> dict[str, P
         found = [p for p in entries if p.stem == name and p.suffix.lower() in RASTER_SUFFIXES]
         if not found:
             have = sorted(p.name for p in entries if p.suffix.lower() in RASTER_SUFFIXES)
+            other_formats = sorted(p.name for p in entries if p.stem == name and not p.is_dir())
+            hint = (
+                f"; {other_formats} is in a format predict does not read: convert it (e.g. gdal_translate -of GTiff "
+                f"{other_formats[0]} {name}.tif)"
+                if other_formats
+                else ""
+            )
             raise FileNotFoundError(
                 f"input folder {str(folder)!r} has no raster for modality {name!r} (expected {name}.tif, .png or "
-                f".jpg); it holds {have}"
+                f".jpg); it holds {have}{hint}"
             )
         if len(found) > 1:
             raise ValueError(f"modality {name!r} has several rasters in {str(folder)!r}: {[p.name for p in found]}")

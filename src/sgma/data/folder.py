@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -159,14 +160,16 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
                 hints.append(repr(where + key) + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise bad(f"unknown key(s) {', '.join(hints)}; valid keys{' there' * bool(where)}: {', '.join(valid)}")
 
-    def number(key: str, value: Any, kind: type = float) -> Any:
+    def number(key: str, value: Any, kind: type = float, finite: bool = True) -> Any:
         """``value`` as ``kind`` (int or float), or an error naming the key and the value."""
         try:
             out = kind(value)
-            if isinstance(value, bool) or (kind is int and out != float(value)):  # no True -> 1, no 2.5 -> 2
+            # no True -> 1, no 2.5 -> 2, no nan/inf (YAML's .nan, .inf) as a statistic or a limit
+            if isinstance(value, bool) or (kind is int and out != float(value)) or (finite and not math.isfinite(out)):
                 raise ValueError
-        except (TypeError, ValueError):
-            raise bad(f"{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            what = "a whole number" if kind is int else "a finite number" if finite else "a number"
+            raise bad(f"{key} must be {what}, got {value!r}") from None
         return out
 
     check_keys(desc, DESCRIPTION_KEYS)
@@ -185,7 +188,8 @@ def _check_description(desc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         channels = number(f"{at}.channels", m["channels"], int)
         if channels < 1:
             raise bad(f"modality {name!r}: channels must be >= 1")
-        nodata = None if m.get("nodata") is None else number(f"{at}.nodata", m["nodata"])
+        # NaN is a common nodata tag of float rasters (NaNs count as no data anyway)
+        nodata = None if m.get("nodata") is None else number(f"{at}.nodata", m["nodata"], finite=False)
         entry = {"name": name, "channels": channels, "nodata": nodata, "valid_range": None}
         # kind (default other) and value_max steer training augmentation only (sgma.data.augment)
         entry["kind"] = str(m.get("kind", "other"))
