@@ -138,7 +138,10 @@ def test_off_palette_counted_and_warned(potsdam_root, tmp_path):
     tile = OFF_PALETTE_TILES["potsdam"][0]
     assert train.manifest["tiles"][tile]["info"]["label"]["off_palette"] == 5
     assert train.manifest["tiles"]["2_12"]["info"]["label"]["off_palette"] == 0
-    with pytest.warns(UserWarning, match=rf"top_potsdam_{tile}_label\.tif: 5 pixel\(s\) with colours outside"):
+    colours = train.manifest["tiles"][tile]["info"]["label"]["off_colours"]
+    assert sum(k for _, k in colours) == 5 and all(tuple(c) not in PALETTE for c, _ in colours)
+    shown = re.escape(f"most often {tuple(colours[0][0])} x {colours[0][1]}")
+    with pytest.warns(UserWarning, match=rf"top_potsdam_{tile}_label\.tif: 5 pixel\(s\) with colours outside.*{shown}"):
         Potsdam("val", root=potsdam_root, crop_size=CROP, cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -427,6 +430,12 @@ def test_read_errors_say_what_the_file_is(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(OSError, match=r"broken\.jpg .*truncated or corrupt: extract it again"):
         read_raster(tmp_path / "broken.jpg")
+    write_geotiff(tmp_path / "whole.tif", np.zeros((3, 256, 256), np.uint8))
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "half.tif").write_bytes(data[: len(data) // 2])  # GDAL's read error carries code 1 = EPERM
+    with pytest.raises(OSError, match=r"half\.tif .*truncated or corrupt: extract it again") as err:
+        read_raster(tmp_path / "half.tif")
+    assert not isinstance(err.value, PermissionError)
     denied = PermissionError(13, "Permission denied")  # what open() raises for a user without read access
     (tmp_path / "ok.tif").write_bytes(b"x")
     assert "permission denied" in str(tiles.read_error(tmp_path / "ok.tif", denied))
@@ -437,7 +446,8 @@ def test_size_mismatch(potsdam_root, tmp_path):
     label = root / "top_potsdam_5_10_label.tif"
     write_geotiff(label, colour_label(np.zeros((80, 96), np.uint8)))
     with pytest.raises(
-        ValueError, match=r"5_10.*top_potsdam_5_10_label\.tif is 80 x 96.*top_potsdam_5_10_RGBIR\.tif is 96 x 96"
+        ValueError,
+        match=r"5_10.*top_potsdam_5_10_label\.tif is 80 x 96.*top_potsdam_5_10_RGBIR\.tif is 96 x 96.*extract it again",
     ):
         quiet(Potsdam, "train", root=root)
     write_geotiff(label, colour_label(np.zeros((96, 96), np.uint8)))
@@ -590,6 +600,24 @@ def test_potsdam_release_variants(tmp_path, variant):
             quiet(Potsdam, "train", root=root, crop_size=32, skip_incomplete_tiles=True, imagery="rgbir")
     raw = quiet(Potsdam, "val", root=root, crop_size=32, skip_incomplete_tiles=True, dsm_source="dsm")
     assert raw.input_transforms == {"dsm": {"name": "heights_above_ground"}}
+
+
+def test_auto_variant_fallback_names_the_missing_files(tmp_path, caplog):
+    """imagery=auto with RGBIR for only some tiles (4_Ortho_RGBIR.zip half extracted) uses RGB + IRRG everywhere:
+    a warning names the missing RGBIR file and how to choose either variant; a complete release is quiet."""
+    root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=FEW)
+    with caplog.at_level("WARNING", logger="sgma"):
+        assert few_potsdam(root)["train"].imagery == "rgbir"
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "preferred variant" in r.getMessage()]
+    next(root.rglob("top_potsdam_2_11_RGBIR.tif")).unlink()
+    with caplog.at_level("WARNING", logger="sgma"):
+        assert few_potsdam(root)["train"].imagery == "rgb_irrg"
+    warned = [r.getMessage() for r in caplog.records if "preferred variant" in r.getMessage()]
+    assert (
+        warned
+        and "1 needed file(s) of the preferred variant are missing (top_potsdam_2_11_RGBIR.tif, from " in (warned[0])
+    )
+    assert "4_Ortho_RGBIR.zip" in warned[0] and "dataset.builder.imagery=rgb_irrg" in warned[0]
 
 
 def test_potsdam_6_7_cars(tmp_path):

@@ -89,6 +89,13 @@ BGR_SUSPECT = 0.3  # share of car + clutter pixels above which a label is probab
 
 
 # ---------------------------------------------------------------------------------------------- labels
+# every file of a tile covers the same grid in the release: a mismatch is a file of another tile, dataset or
+# processing (a resampled or cropped copy), or a damaged one
+SIZE_FIX = (
+    "; the files of one tile have one size in the release: replace the odd one with the release's (extract it again)"
+)
+
+
 def _pack(rgb: np.ndarray) -> np.ndarray:
     return (rgb[0].astype(np.int32) << 16) | (rgb[1].astype(np.int32) << 8) | rgb[2].astype(np.int32)
 
@@ -138,6 +145,12 @@ def decode_labels(
     }
     if aliases:
         stats["aliased"] = aliased
+    if off:  # the most frequent foreign colours, for the warning: noise, or another file's palette?
+        colours, n = np.unique(code[~known], return_counts=True)
+        top = np.argsort(n)[::-1][:3]
+        stats["off_colours"] = [
+            [[int(c >> 16), int(c >> 8 & 255), int(c & 255)], int(k)] for c, k in zip(colours[top], n[top], strict=True)
+        ]
     # The palette is closed under R<->B swaps (building<->clutter, low vegetation<->car), so a BGR label
     # decodes without foreign colours. Cars and clutter are rare in ISPRS tiles (a few %), buildings and low
     # vegetation common (~25 % each): cars + clutter above BGR_SUSPECT of a tile is the tell (a warning only).
@@ -431,12 +444,13 @@ class _ISPRSDataset(CachedCropDataset):
     ) -> tuple[np.ndarray, dict]:
         rgb, _ = read_raster(path, (1, 2, 3))
         if rgb.shape[1:] != shape:
-            raise ValueError(f"{path} is {_hw(rgb.shape[1:])} but {ref} is {_hw(shape)}")
+            raise ValueError(f"{path} is {_hw(rgb.shape[1:])} but {ref} is {_hw(shape)}{SIZE_FIX}")
         mask, stats = decode_labels(rgb, path, max_off_palette=self.max_off_palette, aliases=aliases)
         if stats["off_palette"]:
             warnings.warn(
                 f"{path}: {stats['off_palette']} pixel(s) with colours outside the ISPRS palette set to ignore "
-                f"(255); counted in the cache manifest",
+                f"(255), most often {', '.join(f'{tuple(c)} x {k}' for c, k in stats['off_colours'])}; counted in the "
+                f"cache manifest. A few are compression noise; many mean another or a damaged copy: extract it again",
                 stacklevel=2,
             )
         if stats["suspect_bgr"]:
@@ -486,14 +500,14 @@ def _fit_to(height: np.ndarray, shape: tuple[int, int], path: Path, ref: Path, t
         note = f"{path.name} is {_hw((h, w))}, padded by edge replication to {_hw(shape)}"
         warnings.warn(f"tile {tile}: {note}", stacklevel=2)
         return np.pad(height, [(0, 0)] * (height.ndim - 2) + [(0, dh), (0, dw)], mode="edge"), note
-    raise ValueError(f"size mismatch in tile {tile}: {path} is {_hw((h, w))} but {ref} is {_hw(shape)}")
+    raise ValueError(f"size mismatch in tile {tile}: {path} is {_hw((h, w))} but {ref} is {_hw(shape)}{SIZE_FIX}")
 
 
 def _check_pad_ok(tile: str, path: Path, size: tuple[int, int], ref: Path, ref_size: tuple[int, int], *, pad: bool):
     dh, dw = ref_size[0] - size[0], ref_size[1] - size[1]
     if (dh, dw) == (0, 0) or (pad and dh in (0, 1) and dw in (0, 1)):
         return
-    raise ValueError(f"size mismatch in tile {tile}: {path} is {_hw(size)} but {ref} is {_hw(ref_size)}")
+    raise ValueError(f"size mismatch in tile {tile}: {path} is {_hw(size)} but {ref} is {_hw(ref_size)}{SIZE_FIX}")
 
 
 POTSDAM_TILES = _ids(
@@ -514,6 +528,22 @@ def _prefer(first: Mapping[str, Any], second: Mapping[str, Any], needed: Sequenc
     """``auto``: the first variant when every needed tile found in either variant has it (also when none is
     found: the missing-files message then names the first variant's archive)."""
     return all(t in first for t in needed if t in first or t in second)
+
+
+def _warn_partial_variant(dataset: str, lacking: Sequence[str], *, present: bool, archive: str, chosen: str) -> None:
+    """``auto`` fell back to the second variant for every tile because the first is there for only some: that
+    is usually a half-extracted archive, so name its missing files rather than switch quietly."""
+    if present and lacking:
+        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        log.warning(
+            "%s: %d needed file(s) of the preferred variant are missing (%s, from %s), so every tile uses the "
+            "other one; extract them again to use the preferred variant, or set dataset.builder.%s to choose this",
+            dataset,
+            len(lacking),
+            shown,
+            archive,
+            chosen,
+        )
 
 
 TILE_ID = r"(?P<id>\d+_\d+)"
@@ -669,6 +699,13 @@ class Potsdam(_ISPRSDataset):
                 sum(t in raw["rgbir"] for t in every),
                 sum(t in pairs for t in every),
             )
+            _warn_partial_variant(
+                "potsdam",
+                [f"top_potsdam_{t}_RGBIR.tif" for t in every if t in pairs and t not in raw["rgbir"]],
+                present=any(t in raw["rgbir"] for t in every) and self.imagery != "rgbir",
+                archive="4_Ortho_RGBIR.zip",
+                chosen="imagery=rgb_irrg",
+            )
         files = {k: self._ones(index, f"{k.upper()} image", v, every) for k, v in raw.items()}
         if self.imagery == "rgbir":
             image_parts = {
@@ -809,7 +846,9 @@ class Potsdam(_ISPRSDataset):
             rgb, _ = read_raster(path, (1, 2, 3))
             nir, _ = read_raster(Path(files["irrg"]), (1,))
             if nir.shape[1:] != rgb.shape[1:]:
-                raise ValueError(f"size mismatch: {files['irrg']} is {_hw(nir.shape)} but {path} is {_hw(rgb.shape)}")
+                raise ValueError(
+                    f"size mismatch: {files['irrg']} is {_hw(nir.shape)} but {path} is {_hw(rgb.shape)}{SIZE_FIX}"
+                )
             checks = [(path, rgb), (Path(files["irrg"]), nir)]
         for p, arr in checks:
             if arr.dtype != np.uint8:
@@ -990,6 +1029,13 @@ class Vaihingen(_ISPRSDataset):
                 sum(t in raw["dsm"] for t in every),
                 sum(t in raw["ndsm"] for t in every),
             )
+            _warn_partial_variant(
+                "vaihingen",
+                [f"dsm_09cm_matching_area{t}.tif" for t in every if t in raw["ndsm"] and t not in raw["dsm"]],
+                present=any(t in raw["dsm"] for t in every) and self.dsm_source != "dsm",
+                archive="ISPRS_semantic_labeling_Vaihingen.zip (dsm/)",
+                chosen="dsm_source=ndsm",
+            )
         if self.dsm_source == "dsm":
             dsm = Part(
                 "DSMs",
@@ -1054,6 +1100,7 @@ class Vaihingen(_ISPRSDataset):
         if raw.shape[1:] != shape:
             raise ValueError(
                 f"size mismatch in tile {tile}: {files['dsm']} is {_hw(raw.shape)} but {files['irrg']} is {_hw(shape)}"
+                f"{SIZE_FIX}"
             )
         info: dict[str, Any] = {"notes": []}
         exclude: dict[str, np.ndarray] = {}

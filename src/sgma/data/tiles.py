@@ -110,7 +110,11 @@ def file_state(path: str | os.PathLike) -> str | None:
 def _permission_denied(path: Path, err: BaseException) -> bool:
     seen: BaseException | None = err
     while seen is not None:  # libraries wrap the OS error (rasterio keeps only its text)
-        if isinstance(seen, PermissionError) or getattr(seen, "errno", None) in (errno.EACCES, errno.EPERM):
+        # an errno means one only on an OSError: GDAL's own errors (rasterio's CPLE_*) carry GDAL error codes,
+        # and CPLE_AppDefinedError's 1, a truncated file, equals EPERM
+        if isinstance(seen, PermissionError) or (
+            isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM)
+        ):
             return True
         if "permission denied" in str(seen).lower():
             return True
