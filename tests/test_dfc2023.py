@@ -197,8 +197,10 @@ def test_sar_db_and_linear(small, tmp_path):
     linear[:4, :4] = np.nan  # no-data: filled after the conversion, counted
     linear[4, :5] = 0  # no return: -25 dB
     write_geotiff(sar_file, linear, gsd=0.5)
-    db = _ds(small)
-    lin = _ds(small, sar_scale="linear", cache_dir=tmp_path / "lin")
+    with pytest.warns(UserWarning, match=r"16 no-data/NaN pixel\(s\) set to -25 dB"):
+        db = _ds(small)
+    with pytest.warns(UserWarning, match=r"16 no-data/NaN pixel\(s\) set to 0 power"):
+        lin = _ds(small, sar_scale="linear", cache_dir=tmp_path / "lin")
     tile = sar_file.stem
     got_db = np.asarray(db.cache.array(tile, "sar"), np.float32)[0]
     got_lin = np.asarray(lin.cache.array(tile, "sar"), np.float32)[0]
@@ -282,6 +284,72 @@ def test_height_outliers_clipped_and_left_out_of_stats(dfc_root, tmp_path):
     clean = _quiet(dfc_root).manifest["stats"]["modalities"]["dsm"]
     dirty = ds.manifest["stats"]["modalities"]["dsm"]
     assert dirty["std"][0] == pytest.approx(clean["std"][0], rel=0.02) and dirty["excluded"] == 64
+
+
+def test_non_uint8_rgb_refused_with_its_range(small):
+    rgb_file = small / "track2" / "train" / "rgb" / "SV_Oslo_59.9000_10.7000.tif"
+    with rasterio.open(rgb_file) as src:
+        rgb = src.read().astype(np.uint16) * 8  # 11-bit values: clipping to 255 would saturate 99 % of pixels
+    rgb[0, 0, 0], rgb[0, 0, 1] = 0, 2040
+    write_geotiff(rgb_file, rgb, gsd=0.5)
+    with pytest.raises(Exception) as err:  # wrapped by the cache, which says it removed the partial cache
+        _ds(small)
+    assert re.search(
+        r"rgb/SV_Oslo_59\.9000_10\.7000\.tif is uint16 \(values 0\.\.2040\); the release's rgb images are 8-bit: "
+        r"rescale it to 0\.\.255 as uint8",
+        str(err.value),
+    )
+    assert not (small / ".sgma_cache" / "dfc2023-v2").exists()  # nothing half-written is left to open
+
+
+def test_nodata_warned_once_per_file_with_its_fill(small, tmp_path):
+    stem = "SV_Oslo_59.9000_10.7000"
+    dsm_file, sar_file = (small / "track2" / "train" / m / f"{stem}.tif" for m in ("dsm", "sar"))
+    with rasterio.open(dsm_file) as src:
+        dsm = src.read(1)
+    dsm[:5, :5] = np.nan
+    dsm[10, :3] = -32768  # the declared no-data value
+    write_geotiff(dsm_file, dsm, gsd=0.5, nodata=-32768)
+    with rasterio.open(sar_file) as src:
+        sar = src.read(1)
+    sar[:4, :4] = np.nan
+    write_geotiff(sar_file, sar, gsd=0.5)
+    for scale, sar_fill in (("db", "-25 dB"), ("linear", "0 power")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = _ds(small, sar_scale=scale, cache_dir=tmp_path / scale)
+        messages = [str(w.message) for w in caught if "no-data" in str(w.message)]
+        assert len(messages) == 2, messages
+        assert re.search(rf"dsm/{stem}\.tif: 28 no-data/NaN pixel\(s\) set to 0 m$", messages[0])
+        assert re.search(rf"sar/{stem}\.tif: 16 no-data/NaN pixel\(s\) set to {sar_fill} \(no return\)$", messages[1])
+        assert ds.manifest["tiles"][stem]["info"]["nodata_pixels"] == {"dsm": 28, "sar": 16}
+
+
+@pytest.mark.parametrize("marker", [-9999.0, float(np.finfo(np.float32).max)], ids=["-9999", "float32-max"])
+def test_undeclared_nodata_warning_names_the_fix(small, tmp_path, marker):
+    stem = "SV_Oslo_59.9000_10.7000"
+    dsm_file = small / "track2" / "train" / "dsm" / f"{stem}.tif"
+    with rasterio.open(dsm_file) as src:
+        dsm = src.read(1)
+    dsm[:5, :5] = marker
+    dsm[6, 6] = 1500  # a second, rarer outlier: the marker is the commonest clipped value
+    write_geotiff(dsm_file, dsm, gsd=0.5)
+    shown = str(np.float32(marker)).removesuffix(".0")
+    with pytest.warns(UserWarning) as caught:
+        _ds(small, cache_dir=tmp_path / "a")
+    messages = [str(w.message) for w in caught if "outside" in str(w.message)]
+    assert len(messages) == 1 and re.search(
+        rf"dsm/{stem}\.tif: 26 height .* clipped to the range .*\. If {re.escape(shown)} marks no-data, declare it "
+        rf"as the raster's nodata tag \(`gdal_edit\.py -a_nodata {re.escape(shown)} .*dsm/{stem}\.tif`\) so it is "
+        r"filled with 0 m instead of clipped$",
+        messages[0],
+    )
+    with rasterio.open(dsm_file, "r+") as dst:  # the fix, as gdal_edit.py applies it
+        dst.nodata = float(shown)
+    with pytest.warns(UserWarning) as caught:
+        ds = _ds(small, cache_dir=tmp_path / "b")
+    assert any(re.search(rf"dsm/{stem}\.tif: 25 no-data/NaN pixel\(s\) set to 0 m$", str(w.message)) for w in caught)
+    assert ds.manifest["tiles"][stem]["info"]["outliers"]["dsm"]["above"] == 1
 
 
 def test_train_on_fake_dfc2023(dfc_root, tmp_path):

@@ -26,12 +26,13 @@ predict.py to convert its raw inputs the same way.
 Every image is decoded once (polygons and RLE rasterised with pycocotools) into the memory-mapped cache of
 :mod:`sgma.data.tiles` (``<root>/.sgma_cache/dfc2023-v<version>/`` or ``cache_dir``), whose manifest also
 stores the per-modality mean/std measured on the train split (written atomically with the cache).
-No-data/NaN pixels are found on the raw values, before the dB conversion, counted in the manifest and set
-to 0 m (heights) and to "no return" (SAR: 0 power, i.e. -25 dB). Heights outside
+No-data/NaN pixels are found on the raw values, before the dB conversion, counted in the manifest, warned
+once per file and set to 0 m (heights) and to "no return" (SAR: 0 power, i.e. -25 dB). Heights outside
 :data:`~sgma.data.tiles.HEIGHT_RANGE` ([-100, 1000] m; nothing built is taller than 828 m, so such values
 are undeclared no-data or sensor failures) are clipped into it, and linear SAR values beyond the float16
-storage (+-65000) are clipped to it; both are counted per image with one warning and, like no-data, left
-out of the train mean/std so a few bad images cannot move the normalisation.
+storage (+-65000) are clipped to it; both are counted per image with one warning (which says how to declare
+a marker as no-data) and, like no-data, left out of the train mean/std so a few bad images cannot move the
+normalisation. RGB that is not uint8 is refused: clipping 16-bit values to 0..255 would saturate the image.
 """
 
 from __future__ import annotations
@@ -530,24 +531,40 @@ class DFC2023(CachedCropDataset):
         invalid = ~np.isfinite(x)
         if nodata is not None and np.isfinite(nodata):
             invalid |= x == np.float32(nodata)
-        info["nodata_pixels"][modality] = int(invalid.sum())
-        fill = 0.0  # 0 m above ground; SAR: no return (0 power)
+        n = info["nodata_pixels"][modality] = int(invalid.sum())
+        fill, filled = 0.0, "0 m" if modality == "dsm" else "0 power (no return)"  # 0 m above ground
         if modality == "sar" and self.sar_scale == "db":
             x = sar_to_db(np.where(invalid, np.float32(0), x))
-            fill = SAR_DB_RANGE[0]
+            fill, filled = SAR_DB_RANGE[0], f"{SAR_DB_RANGE[0]:g} dB (no return)"
         x[invalid] = fill
+        if n:
+            warnings.warn(f"{path}: {n} no-data/NaN pixel(s) set to {filled}", stacklevel=3)
         low, high, what = VALID_RANGE[modality]
-        x, outliers, counts = clip_outliers(x, low, high)
+        clipped, outliers, counts = clip_outliers(x, low, high)
         info["outliers"][modality] = counts
         if counts["below"] or counts["above"]:
-            warnings.warn(outlier_message(path, what, low, high, counts), stacklevel=3)
-        return x.astype(np.float16), (invalid | outliers)[0]
+            # an undeclared no-data marker is one repeated value: name the commonest (unrounded) for the fix
+            values, repeats = np.unique(x[outliers], return_counts=True)
+            marker = str(values[repeats.argmax()]).removesuffix(".0")  # float32's shortest round-trip text
+            warnings.warn(
+                f"{outlier_message(path, what, low, high, counts)}. If {marker} marks no-data, declare it as the "
+                f"raster's nodata tag (`gdal_edit.py -a_nodata {marker} {path}`) so it is filled with {filled} "
+                f"instead of clipped",
+                stacklevel=3,
+            )
+        return clipped.astype(np.float16), (invalid | outliers)[0]
 
     def _load(self, tile: str) -> PreparedTile:
         files = {k: Path(v) for k, v in self.cache.sources[tile].items()}
         rgb, _ = read_raster(files["rgb"], (1, 2, 3))
-        if rgb.dtype != np.uint8:
-            rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+        if rgb.dtype != np.uint8:  # clipping 16-bit or float values to 0..255 would saturate the image
+            finite = rgb[np.isfinite(rgb)].astype(np.float64)
+            values = f"values {finite.min():g}..{finite.max():g}" if finite.size else "no finite value"
+            raise ValueError(
+                f"{files['rgb']} is {rgb.dtype} ({values}); the release's rgb images are 8-bit: rescale it to "
+                f"0..255 as uint8, with one input range for all images (e.g. `gdal_translate -ot Byte -scale <low> "
+                f"<high> 0 255 IN OUT`), or extract the release's file again"
+            )
         arrays: dict[str, np.ndarray] = {"rgb": rgb}
         exclude: dict[str, np.ndarray] = {}
         info: dict[str, Any] = {"nodata_pixels": {}, "outliers": {}}
