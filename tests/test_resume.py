@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO, bind_to, compose_config
 from sgma.metrics import build_report
@@ -145,6 +145,39 @@ def test_nothing_to_train_is_an_error(cfg_train):
     with pytest.raises(ValueError, match=r"train=false tests a checkpoint: give it with ckpt_path=PATH"):
         train(cfg_train)
     assert not (Path(cfg_train.paths.output_dir) / "patterns.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train": False, "test": False}, r"train=false test=false: nothing to do"),
+        ({"optimizer.lr": -1}, r"optimizer\.lr=-1 must be a number > 0"),
+        ({"scheduler.start_factor": -1}, r"scheduler\.start_factor=-1 must be in \(0, 1\]"),
+        ({"scheduler.power": -2}, r"scheduler\.power=-2 must be a number > 0"),
+        ({"scheduler.warmup_fraction": 0.5, "scheduler.power": 0}, r"scheduler\.power=0 must be"),
+        ({"trainer.max_epochs": -1}, r"trainer\.max_epochs=-1 with trainer\.max_steps=.*needs a known length"),
+        ({"trainer.accelerator": "gpu"}, r"trainer\.accelerator=gpu but torch sees no CUDA GPU.*trainer=cpu"),
+        ({"data.batch_size": 0}, r"data\.batch_size=0 must be a whole number >= 1"),
+        ({"data.eval_batch_size": 0}, r"data\.eval_batch_size=0 must be a whole number >= 1"),
+        ({"eval.missing_probs": [1.5]}, r"eval\.missing_probs=\[1\.5\] must be a list of numbers in \[0, 1\)"),
+        ({"eval.missing_probs": 0.3}, r"eval\.missing_probs=0\.3 must be a list"),
+        ({"mas.lambda_main": -1}, r"mas\.lambda_main=-1 must be a number >= 0"),
+        ({"mas.loss_momentum": 5}, r"mas\.loss_momentum=5 must be in \(0, 1\]"),
+        ({"model.dropout": 1.5}, r"model\.dropout=1\.5 must be in \[0, 1\)"),
+        ({"augment.rotate90": "no"}, r"augment\.rotate90='no' must be true or false"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_run_folder_is_written(cfg_train, overrides, message):
+    """Values that torch or Lightning would refuse deep inside training (or never: a negative lr warm-up, a
+    negative loss weight, bool("no")), refused up front naming the option; no config.yaml of a run that never ran."""
+    if torch.cuda.is_available() and overrides.get("trainer.accelerator") == "gpu":
+        pytest.skip("this machine has a GPU")
+    with open_dict(cfg_train):
+        for key, value in overrides.items():
+            OmegaConf.update(cfg_train, key, value, force_add=True)
+    with pytest.raises(ValueError, match=message):
+        train(cfg_train)
+    assert not (Path(cfg_train.paths.output_dir) / "config.yaml").exists()
 
 
 @contextmanager

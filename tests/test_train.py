@@ -150,6 +150,20 @@ def test_eval_normalises_with_the_checkpoints_training_statistics(sgma_ckpt, tmp
     torch.testing.assert_close(plain.dataset("val")[(0, full)]["rgb"], (raw - mean) / std)
 
 
+def test_eval_settings_say_what_they_change(sgma_ckpt, tmp_path, caplog):
+    """batch_size=0 is refused (it fell back to the training run's size); a pattern subset with missing_probs
+    says why the table has no expected-mIoU rows."""
+    with pytest.raises(ValueError, match=r"batch_size=0 must be a whole number >= 1"):
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={sgma_ckpt}", "batch_size=0"]), tmp_path / "a"))
+    with caplog.at_level("WARNING", logger="sgma"):
+        cfg = compose_config("eval", [f"ckpt_path={sgma_ckpt}", "split=val", "patterns=[rgb]"])
+        evaluate(bind_to(cfg, tmp_path / "b"))
+    assert (
+        "no expected-mIoU rows for missing_probs=[0.1, 0.3, 0.5]: they need every pattern, and patterns= scores 1 of 7"
+        in (caplog.text)
+    )
+
+
 def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     return subprocess.run(

@@ -91,7 +91,14 @@ class SegmentationModule(L.LightningModule):
         self.modality_names = [m.name for m in net.modalities]
         self.class_names = list(class_names)
         self.exclude_classes = list(exclude_classes)
-        self.missing_probs = list(missing_probs)
+        probs = missing_probs if isinstance(missing_probs, Sequence) and not isinstance(missing_probs, str) else None
+        if probs is None or not all(
+            isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p < 1 for p in probs
+        ):
+            raise ValueError(
+                f"eval.missing_probs={missing_probs!r} must be a list of numbers in [0, 1), e.g. [0.1, 0.3, 0.5]"
+            )
+        self.missing_probs = list(probs)
         self.ignore_index = ignore_index
         if not callable(loss):
             raise TypeError(
@@ -111,6 +118,13 @@ class SegmentationModule(L.LightningModule):
         self.val_best = MaxMetric()
         self.reports: dict[str, PatternReport] = {}
         self.test_split = "test"  # eval.py runs the test loop on any split and names the metrics after it
+        for key, value in (("mas.lambda_main", lambda_main), ("mas.lambda_mas", lambda_mas)):
+            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):  # < 0 ascends that loss
+                raise ValueError(f"{key}={value!r} must be a number >= 0 (the paper: lambda_main 2, lambda_mas 1)")
+        if not (isinstance(mas_loss_momentum, int | float) and 0 < mas_loss_momentum <= 1):
+            raise ValueError(
+                f"mas.loss_momentum={mas_loss_momentum!r} must be in (0, 1] (an EMA's weight of the new value)"
+            )
         if mas_draw not in ("batch", "sample"):
             raise ValueError(f"mas.draw must be 'batch' or 'sample', got {mas_draw!r}")
         self.mas_branch = mas_branch

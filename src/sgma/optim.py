@@ -44,7 +44,11 @@ class WarmupPolyLR(LambdaLR):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+            raise ValueError(f"scheduler.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if not 0 < start_factor <= 1:
+            raise ValueError(f"scheduler.start_factor must be in (0, 1], got {start_factor}")
+        if not power > 0:
+            raise ValueError(f"scheduler.power must be > 0, got {power}")
         self.total_steps = int(total_steps)
         self.warmup_steps = round(warmup_fraction * total_steps)
         self.start_factor = float(start_factor)

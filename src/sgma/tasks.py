@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,47 @@ def _write_run_plots(
     log.info("%d plots written to %s", len(files), plots)
 
 
+def _number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    def test(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    return test
+
+
+# settings that the objects using them only meet once training has started (the optimizer, the schedule, the
+# step count): checked before anything is built or written, each with the range it needs
+TRAIN_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optimizer.lr", _number_in(0, math.inf, low_open=True), "a number > 0"),
+    ("scheduler.warmup_fraction", _number_in(0, 1, high_open=True), "in [0, 1)"),
+    ("scheduler.start_factor", _number_in(0, 1, low_open=True), "in (0, 1]"),
+    ("scheduler.power", _number_in(0, math.inf, low_open=True), "a number > 0"),
+]
+
+
 def _check_train_settings(cfg: DictConfig) -> None:
-    """Settings under which train.py would write a table that looks valid but scores untrained weights."""
+    """Settings under which train.py would do nothing useful, write a table that looks valid but scores untrained
+    weights, or fail deep inside torch or Lightning after the run folder was made."""
+    if not cfg.get("train", True) and not cfg.get("test", True):
+        raise ValueError("train=false test=false: nothing to do; use train=true to train, or test=true ckpt_path=PATH")
+    for key, valid, expected in TRAIN_VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not valid(value):
+            raise ValueError(f"{key}={value!r} must be {expected}")
     trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here (torch.cuda.is_available() is False, "
+            f"torch {torch.__version__}): train on the CPU with trainer=cpu, or let it choose: trainer.accelerator=auto"
+        )
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if cfg.get("train", True) and epochs is not None and epochs < 0 and not (steps is not None and steps >= 1):
+        raise ValueError(
+            f"trainer.max_epochs={epochs} with trainer.max_steps={steps}: the learning-rate schedule needs a known "
+            "length; set trainer.max_epochs >= 1 or trainer.max_steps >= 1"
+        )
     if cfg.get("train", True) and (trainer.get("max_epochs") == 0 or trainer.get("max_steps") == 0):
         key = "trainer.max_epochs" if trainer.get("max_epochs") == 0 else "trainer.max_steps"
         raise ValueError(
@@ -269,10 +308,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     resumed = _resume_info(cfg, resume, cfg_dict) if resume and fit else {}
     if resume and not fit:
         load_checkpoint_safely(resume, what="ckpt_path")  # refused before Lightning unpickles it
-    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
+    # written once the data and the model are built: a setting they refuse leaves no config of a run that never ran
+    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
     callbacks, loggers = callbacks_and_loggers(cfg, wandb_id=resumed.get("wandb_id"))
     callbacks.append(StoreConfig(cfg_dict, dataset_facts(dm)))
     if dm.sampler == "mas":
@@ -359,7 +399,7 @@ def _full_tile_report(
     )
     fabric.launch()
     net = module.net.to(fabric.device).eval()
-    batch_size = cfg.get("batch_size") or dm.eval_batch_size
+    batch_size = dm.eval_batch_size if cfg.get("batch_size") is None else cfg.batch_size
     if fabric.is_global_zero:
         log.info(
             "full-tile evaluation of %d %s tile(s) x %d pattern(s) on %d process(es): window=%s overlap=%s blend=%s",
@@ -411,6 +451,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             if same and OmegaConf.is_missing(chosen.builder, "root"):
                 chosen.builder.root = run_cfg.dataset.builder.root
             run_cfg.dataset = chosen
+        if cfg.get("batch_size") is not None and not (type(cfg.batch_size) is int and cfg.batch_size >= 1):
+            raise ValueError(f"batch_size={cfg.batch_size!r} must be a whole number >= 1 (null: the training run's)")
         for key in ("batch_size", "num_workers"):
             if cfg.get(key) is not None:
                 run_cfg.data[key if key != "batch_size" else "eval_batch_size"] = cfg[key]
@@ -436,6 +478,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module.load_state_dict(ckpt["state_dict"])
     split = cfg.split
     patterns = dm.eval_patterns(split, cfg.get("patterns"))
+    if len(patterns) < len(dm.patterns) and run_cfg.eval.missing_probs:
+        log.warning(
+            "no expected-mIoU rows for missing_probs=%s: they need every pattern, and patterns= scores %d of %d",
+            list(run_cfg.eval.missing_probs),
+            len(patterns),
+            len(dm.patterns),
+        )
     module.test_split = split  # metric keys and the report are named after the evaluated split
     full_tile = bool(cfg.eval.full_tile)
     trainer = None

@@ -95,7 +95,9 @@ class Augment:
         self.scale = scale
         self.hflip = _check_probability("hflip", hflip)
         self.vflip = _check_probability("vflip", vflip)
-        self.rotate90 = bool(rotate90)
+        if not isinstance(rotate90, bool):  # bool("no") is True
+            raise ValueError(f"augment.rotate90={rotate90!r} must be true or false")
+        self.rotate90 = rotate90
         jitter = dict(jitter or {})
         unknown = set(jitter) - {"p", "brightness", "contrast", "saturation", "hue"}
         if unknown:

@@ -224,7 +224,10 @@ class MultiModalDataModule(L.LightningDataModule):
         self.splits = {s: dict((splits or {}).get(s) or {}) for s in SPLITS}
         self.missing = missing or UniformPatterns()
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+            if value is not None and not (type(value) is int and value >= 1):  # 0 would silently mean "the other"
+                raise ValueError(f"{key}={value!r} must be a whole number >= 1")
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.pattern_lists = {"val": val_patterns, "test": test_patterns}

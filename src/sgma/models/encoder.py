@@ -46,7 +46,18 @@ def build_encoder(name: str, *, pretrained: bool | str | Path = False) -> nn.Mod
     validate_backbone_name(name)
     # tu- encoders take a bool, smp's own encoders the name of a weight set
     weights = (name.startswith("tu-") or "imagenet") if pretrained is True else None
-    encoder = get_encoder(name, in_channels=ENCODER_IN_CHANNELS, depth=5, weights=weights)
+    try:
+        encoder = get_encoder(name, in_channels=ENCODER_IN_CHANNELS, depth=5, weights=weights)
+    except Exception as err:
+        if weights is None:
+            raise
+        # the download (Hugging Face hub, torch hub) failed: offline, a proxy, or the hub; the library's own error is
+        # kept as the cause, the fix that works offline is a local file
+        raise RuntimeError(
+            f"backbone.pretrained=true could not download the ImageNet weights of {name!r} ({type(err).__name__}: "
+            f"{err}). Without internet access, download them on another machine and give the file: "
+            f"backbone.pretrained=/path/to/{name}.pth (or backbone.pretrained=false for random init)"
+        ) from err
     if isinstance(pretrained, str | Path) and not isinstance(pretrained, bool):
         load_encoder_weights(encoder, Path(pretrained), name=name)
     return encoder

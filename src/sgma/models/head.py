@@ -76,6 +76,8 @@ class SegFormerHead(nn.Module):
         self.decoder = SegformerDecoder(
             encoder_channels=[0, 0, *in_channels], encoder_depth=5, segmentation_channels=channels
         )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout={dropout!r} must be in [0, 1) (the share of decoder channels dropped)")
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
