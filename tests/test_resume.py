@@ -165,6 +165,8 @@ def test_nothing_to_train_is_an_error(cfg_train):
         ({"mas.loss_momentum": 5}, r"mas\.loss_momentum=5 must be in \(0, 1\]"),
         ({"model.dropout": 1.5}, r"model\.dropout=1\.5 must be in \[0, 1\)"),
         ({"augment.rotate90": "no"}, r"augment\.rotate90='no' must be true or false"),
+        ({"data.sampler": "mas", "data.mas.floor": 2}, r"data\.mas\.floor must be in \[0, 1\]"),
+        ({"dataset.splits.train.num_samples": 0}, r"dataset\.splits\.train\.num_samples must be >= 1, got 0"),
     ],
 )
 def test_bad_settings_are_refused_before_the_run_folder_is_written(cfg_train, overrides, message):

@@ -237,6 +237,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self.train_sampler: EpochSampler | None = None
         self._pending_state: dict | None = None  # a checkpoint's state, applied when the train sampler is built
         self.missing.bind(self.modalities)  # fail before training if the policy names unknown modalities
+        if sampler == "mas":  # its data.mas.* knobs are checked now, not when training first asks for data
+            self._build_train_sampler(len(self.dataset("train")))
         for split in ("val", "test"):
             self.eval_patterns(split)
 

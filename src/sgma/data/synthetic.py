@@ -625,7 +625,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise ValueError(f"dataset.splits.{split}.num_samples must be >= 1, got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.split = split
