@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import warnings
 
 import numpy as np
@@ -54,7 +55,7 @@ def deliver_root(tmp_path_factory):
 
 @pytest.fixture
 def fresh(tmp_path):
-    return make_fake_deliver(tmp_path / "data", counts=(1, 1, 0), conditions=("cloud", "sun"), eventlowres=False)
+    return make_fake_deliver(tmp_path / "data", counts=(1, 1, 0), eventlowres=False)
 
 
 def test_release_tree_resized_as_cmnext(deliver_root, caplog):
@@ -132,7 +133,7 @@ def test_condition_filter(deliver_root):
 
 
 def test_manifest_only_serves_the_same_samples(tmp_path, caplog):
-    root = make_fake_deliver(tmp_path / "data", counts=(2, 1, 0), conditions=("cloud", "fog"))
+    root = make_fake_deliver(tmp_path / "data", counts=(2, 1, 0))
     full, lazy = _ds(root), _ds(root, cache=False)
     assert lazy.cache.dir.name == f"deliver-resize64-manifest-v{CACHE_VERSION}"
     assert [p.name for p in lazy.cache.dir.iterdir()] == [MANIFEST] and not lazy.manifest["arrays_stored"]
@@ -160,14 +161,14 @@ def test_missing_files_one_message(fresh):
     with pytest.raises(FileNotFoundError) as err:
         _ds(fresh)
     text = str(err.value)
-    assert "(4 frames found for condition(s) cloud, fog, night, rain, sun)" in text
-    assert "- lidar (lidar/<condition>/<split>/<sequence>/<frame>_lidar_<view>.png): 3/4 found; 1 missing" in text
+    assert "(10 frames found for condition(s) cloud, fog, night, rain, sun)" in text
+    assert "- lidar (lidar/<condition>/<split>/<sequence>/<frame>_lidar_<view>.png): 9/10 found; 1 missing" in text
     assert "lidar/sun/val/MAP_1_point1/000000_lidar_front.png is missing" in text
     assert "hha/cloud/train/MAP_1_point0/000000_depth_front.png is a directory, not a file" in text
-    assert "not depth/" in text and "- labels (semantic/" in text and "4/4 found" in text
+    assert "not depth/" in text and "- labels (semantic/" in text and "10/10 found" in text
     assert "searched" in text and "dataset.builder.skip_incomplete=true" in text
-    with pytest.warns(UserWarning, match=r"dropping 2 of 4 frame\(s\) .*val/sun/MAP_1_point1/000000_front"):
-        assert len(_ds(fresh, "val", skip_incomplete=True).images) == 1
+    with pytest.warns(UserWarning, match=r"dropping 2 of 10 frame\(s\) .*val/sun/MAP_1_point1/000000_front"):
+        assert len(_ds(fresh, "val", skip_incomplete=True).images) == 4
 
 
 def test_errors(tmp_path, fresh):
@@ -180,7 +181,7 @@ def test_errors(tmp_path, fresh):
     (tmp_path / "other" / "photos").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"no folder holding both img/ and semantic/"):
         _ds(tmp_path / "other")
-    with pytest.raises(FileNotFoundError, match=r"no complete test frame .*'train': 2, 'val': 2"):
+    with pytest.raises(FileNotFoundError, match=r"no complete test frame .*'train': 5, 'val': 5"):
         _ds(fresh, "test")
     with pytest.raises(ValueError, match="multiple of 32"):
         Deliver("train", root=fresh, crop_size=100)
@@ -207,7 +208,7 @@ def test_lowres_only_for_event(tmp_path):
     lidar = frame_files(root, "rain", "train", LOWRES_SEQUENCE, "000000", "front")["lidar"]
     Image.fromarray(np.zeros((33, 33, 3), np.uint8)).save(lidar)
     with pytest.raises(ValueError, match=r"lidar_front\.png is 33 x 33 px .*only event images of \*_eventlowres"):
-        _ds(root)
+        _ds(root, conditions="rain")
 
 
 def test_disk_estimate_and_hint(fresh):
@@ -242,3 +243,71 @@ def test_train_on_fake_deliver(deliver_root, tmp_path):
     assert [r.split(",")[0] for r in rows[1:] if r.split(",")[0] in patterns] == patterns  # 15 pattern rows
     assert objects["datamodule"].classes == CLASSES
     assert 0 <= metrics["test/avg/miou"] <= 1
+
+
+def test_frames_without_rgb_are_missing(fresh):
+    base = fresh
+    shutil.rmtree(base / "img" / "fog")  # one img archive not extracted: fog has only its other files
+    rgb = frame_files(base, "cloud", "val", "MAP_1_point1", "000000", "front")["rgb"]
+    rgb.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        _ds(base)
+    text = str(err.value)
+    assert "- rgb (img/<condition>/<split>/<sequence>/<frame>_rgb_<view>.png): 7/10 found; 3 missing" in text
+    assert "img/cloud/val/MAP_1_point1/000000_rgb_front.png is missing" in text
+    assert "img/fog/train/MAP_1_point0/000000_rgb_front.png is missing" in text
+    assert "Extract the missing files again" in text
+    for folder in ("hha", "event", "lidar", "semantic"):  # fog gone from every folder: a smaller dataset
+        shutil.rmtree(base / folder / "fog")
+    for folder in ("img", "hha", "event", "lidar", "semantic"):  # and one split of another condition
+        shutil.rmtree(base / folder / "sun" / "val")
+    with pytest.raises(
+        FileNotFoundError, match=r"no frame of fog/train, fog/val, sun/val in the DELIVER folder"
+    ) as err:
+        _ds(base)
+    assert "set dataset.builder.conditions=[cloud, night, rain] to use only those" in str(err.value)
+    rgb.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((66, 66, 3), np.uint8)).save(rgb)
+    assert {t.split("__")[1] for t in _ds(base, conditions="cloud+rain").images} == {"cloud", "rain"}  # a subset
+
+
+def test_other_copy_named(tmp_path):
+    root = make_fake_deliver(tmp_path / "data", counts=(1, 1, 0), nested=True, eventlowres=False)
+    shutil.copytree(root / "DELIVER", root / "backup" / "DELIVER")  # the complete copy, one level deeper
+    shutil.rmtree(root / "DELIVER" / "img" / "night")
+    with pytest.raises(FileNotFoundError) as err:
+        _ds(root)
+    text = str(err.value)
+    assert "img/night/train/MAP_1_point0/000000_rgb_front.png is missing" in text
+    assert f"the root also holds the DELIVER folder(s) '{root / 'backup' / 'DELIVER'}', not read" in text
+    assert "set dataset.builder.root to it" in text
+
+
+def test_out_of_range_labels(fresh):
+    semantic = frame_files(fresh, "sun", "train", "MAP_1_point0", "000000", "front")["semantic"]
+    label = _png(semantic).copy()
+    label[0, :3, 0] = (200, 26, 200)  # 3 stray values: warned, ignored, counted
+    Image.fromarray(label).save(semantic)
+    with pytest.warns(
+        UserWarning, match=r"000000_semantic_front\.png: 3 pixel\(s\) with label values outside 0\.\.25 "
+    ):
+        ds = _ds(fresh)
+    assert ds.manifest["tiles"]["train__sun__MAP_1_point0__000000_front"]["info"]["out_of_range_label_pixels"] == 3
+    with pytest.warns(UserWarning, match=r"values outside 0\.\.25 and 255 \(26, 200\) set to ignore"):
+        _ds(fresh, resize=None)
+    for condition in ("cloud", "fog"):  # labels rendered in DELIVER's colours instead of the class + 1
+        files = frame_files(fresh, condition, "train", "MAP_1_point0", "000000", "front")
+        ids = decode_label(_png(files["semantic"]))[0]
+        colour = np.array((*PALETTE, *[(0, 0, 0)] * 231), np.uint8)[ids]
+        Image.fromarray(colour).save(files["semantic"])
+    with pytest.warns(UserWarning), pytest.raises(TilePreparationError) as err:
+        _ds(fresh, cache_dir=fresh / "cache")
+    text = str(err.value)
+    assert "train label pixels in 1 file(s) so far (e.g. " in text and "semantic/cloud/train/MAP_1_point0/" in text
+    assert "outside 0..25 and 255 (45, 55, 70, 81, 100, 102, 107, 110, ...)" in text  # the palette's reds
+    assert "more than dataset.builder.max_out_of_range=0.01" in text and not (fresh / "cache").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _ds(fresh, max_out_of_range=0.5).images  # a looser limit, stored in the cache options
+    with pytest.raises(ValueError, match=r"dataset\.builder\.max_out_of_range=2 must be a share between 0 and 1"):
+        _ds(fresh, max_out_of_range=2)

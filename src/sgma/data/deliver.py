@@ -11,14 +11,17 @@ above it (the folder holding ``img/`` and ``semantic/`` is searched up to :data:
     DELIVER/depth/...                                                         # raw depth: not read, as DELIVER
 
 Conditions are ``cloud``, ``fog``, ``night``, ``rain`` and ``sun``; splits ``train``, ``val`` and ``test``;
-sequences ``MAP_<n>_point<k>``, sensor-failure cases as a suffix (``..._eventlowres``). Frames are found from
-the rgb files; the other files of a frame are derived from its path as DELIVER's ``semseg/datasets/deliver.py``
-does (``img`` -> ``hha``/``event``/``lidar``/``semantic``, ``_rgb`` -> ``_depth``/``_event``/``_lidar``/
-``_semantic``) and must all exist (one message lists what is missing per modality). Event images of another
+sequences ``MAP_<n>_point<k>``, sensor-failure cases as a suffix (``..._eventlowres``). A frame is found from a
+file of any modality or its label, so an rgb file (or a condition's ``img/`` folder) that was not extracted is
+reported, not skipped; its files are the paths DELIVER's ``semseg/datasets/deliver.py`` derives from the rgb path
+(``img`` -> ``hha``/``event``/``lidar``/``semantic``, ``_rgb`` -> ``_depth``/``_event``/``_lidar``/
+``_semantic``) and must all exist (one message lists what is missing per modality). Every selected condition
+needs frames in every split any of them has. Event images of another
 size (only in ``*_eventlowres`` sequences) are resized to the frame size with nearest neighbour, as DELIVER
 does; every other size mismatch is an error. Labels are channel 0 of the semantic png: 0 and 255 are
-unlabelled (-> 255, ignored), ``v`` in 1..25 is class ``v - 1``; larger values are ignored too and counted
-in the manifest. Single-channel and RGBA modalities become 3 channels (DELIVER's ``_open_img``).
+unlabelled (-> 255, ignored), ``v`` in 1..25 is class ``v - 1``; other values are ignored too, warned per
+file and counted in the manifest; more than ``max_out_of_range`` of a split's label pixels is an error (e.g.
+labels rendered in colour). Single-channel and RGBA modalities become 3 channels (DELIVER's ``_open_img``).
 
 ``resize`` (default 1024) resizes every frame of every split when it is decoded as CMNeXt's evaluation
 ``Resize`` does (shortest side to ``resize``, then each side up to a multiple of 32; bilinear, the label
@@ -130,10 +133,18 @@ MODALITIES = {
 # Modality.kind, value_max: only the camera image is optical (HHA depth, event and LiDAR images are encodings)
 KINDS = {"rgb": ("optical", 255.0), "depth": ("other", None), "event": ("other", None), "lidar": ("other", None)}
 LABEL = ("semantic", "semantic")  # (folder, tag)
-RGB_FILE = re.compile(r"^(?P<frame>.+)_rgb_(?P<view>[^_]+)\.png$", re.IGNORECASE)
+# folder -> file name of a frame's file in it; a frame is found from any of them, so a frame whose rgb file is
+# absent (an img/ archive not extracted) is reported missing instead of vanishing
+FRAME_FILE = {
+    folder: re.compile(rf"^(?P<frame>.+)_{tag}_(?P<view>[^_]+)\.png$", re.IGNORECASE)
+    for folder, tag in (*(v[:2] for v in MODALITIES.values()), LABEL)
+}
 LOWRES_EVENT = "eventlowres"  # the sequences (folder-name suffix) whose event images are smaller than the frame
 DEFAULT_RESIZE = 1024  # CMNeXt's evaluation size: the published numbers score 1024 x 1024 frames
 SEARCH_DEPTH = 3  # folders below the root searched for the one holding img/ and semantic/
+# share of a split's label pixels allowed outside 0..25 and 255 (ignored): the release has none, labels rendered
+# in colour (DELIVER's palette) have nearly all
+DEFAULT_MAX_OUT_OF_RANGE = 0.01
 SOURCE = "the DELIVER dataset released by the authors of DELIVER/CMNeXt (Zhang et al., CVPR 2023)"
 TREE = """\
 <root>/[DELIVER/]
@@ -165,14 +176,22 @@ def frame_files(root: Path, condition: str, split: str, sequence: str, frame: st
     return out
 
 
+def _label_channel(semantic: np.ndarray) -> np.ndarray:
+    """The label values (H, W) int64: channel 0 of RGBA/RGB, or grey."""
+    return (semantic[..., 0] if semantic.ndim == 3 else semantic).astype(np.int64)
+
+
+def _out_of_range(raw: np.ndarray) -> np.ndarray:
+    return (raw > len(CLASSES)) & (raw != IGNORE)
+
+
 def decode_label(semantic: np.ndarray) -> tuple[np.ndarray, int]:
     """Class ids (H, W) uint8 from a semantic png array (channel 0 of RGBA/RGB, or grey): 0 and 255 -> 255
     (ignored, as DELIVER's uint8 ``label - 1``), v in 1..25 -> v - 1; values 26..254 are ignored as well.
     Returns the ids and the number of such out-of-range pixels."""
-    raw = semantic[..., 0] if semantic.ndim == 3 else semantic
-    raw = raw.astype(np.int64)
+    raw = _label_channel(semantic)
     out = raw - 1
-    unknown = (raw > len(CLASSES)) & (raw != IGNORE)
+    unknown = _out_of_range(raw)
     out[(raw == 0) | (raw == IGNORE) | unknown] = IGNORE
     return out.astype(np.uint8), int(unknown.sum())
 
@@ -240,21 +259,17 @@ def _as_three_channels(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def find_dataset_folder(root: Path, depth: int = SEARCH_DEPTH) -> Path:
-    """The folder holding ``img/`` and ``semantic/``: ``root`` itself or the shallowest one below it (a
-    release unzipped into ``<root>/DELIVER/``); several at the same depth are ambiguous."""
+def _dataset_folders(root: Path, depth: int = SEARCH_DEPTH):
+    """Per level below ``root`` (``root`` itself first), the folders holding ``img/`` and ``semantic/``; those
+    are not searched further (their sub-folders are the release's, not other copies)."""
     level = [root]
     for _ in range(depth + 1):
         found = [d for d in level if (d / MODALITIES["rgb"][0]).is_dir() and (d / LABEL[0]).is_dir()]
-        if len(found) > 1:
-            raise ValueError(
-                f"{NAME}: several DELIVER folders under dataset.builder.root={str(root)!r}: "
-                f"{', '.join(str(f) for f in found[:4])}; set dataset.builder.root to the one to use"
-            )
-        if found:
-            return found[0]
+        yield found
         below = []
         for d in level:
+            if d in found:
+                continue
             try:
                 below += sorted(
                     p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIPPED_DIRS
@@ -262,6 +277,19 @@ def find_dataset_folder(root: Path, depth: int = SEARCH_DEPTH) -> Path:
             except OSError:  # an unreadable sub-folder cannot hold the release we can read
                 continue
         level = below
+
+
+def find_dataset_folder(root: Path, depth: int = SEARCH_DEPTH) -> Path:
+    """The folder holding ``img/`` and ``semantic/``: ``root`` itself or the shallowest one below it (a
+    release unzipped into ``<root>/DELIVER/``); several at the same depth are ambiguous."""
+    for found in _dataset_folders(root, depth):
+        if len(found) > 1:
+            raise ValueError(
+                f"{NAME}: several DELIVER folders under dataset.builder.root={str(root)!r}: "
+                f"{', '.join(str(f) for f in found[:4])}; set dataset.builder.root to the one to use"
+            )
+        if found:
+            return found[0]
     raise _missing_data(
         f"no folder holding both img/ and semantic/ in dataset.builder.root={str(root)!r} or its sub-folders to "
         f"{depth} levels (the root holds {sorted(p.name for p in root.iterdir())[:8]})"
@@ -295,6 +323,7 @@ class Deliver(CachedCropDataset):
         modalities: Sequence[str] | str | None = None,
         skip_incomplete: bool = False,
         resize: int | None = DEFAULT_RESIZE,
+        max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE,
         cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
@@ -305,6 +334,7 @@ class Deliver(CachedCropDataset):
         self.crop_size = check_crop_size(crop_size)
         self.conditions = self._conditions(conditions)
         self.resize = self._resize_option(resize)
+        self.max_out_of_range = self._share_option(max_out_of_range)
         if not isinstance(cache, bool):
             raise ValueError(f"dataset.builder.cache={cache!r} must be true or false")
         if root is None or str(root) in ("", "???"):
@@ -323,11 +353,21 @@ class Deliver(CachedCropDataset):
             dataset=NAME,
             sources=sources,
             splits=splits,
-            options={"conditions": list(self.conditions), "resize": self.resize},
+            options={
+                "conditions": list(self.conditions),
+                "resize": self.resize,
+                "max_out_of_range": self.max_out_of_range,
+            },
             stat_keys=tuple(MODALITIES),
             store_arrays=cache,
         )
+        # per split while the cache is prepared: label pixels (from the size check) and out-of-range ones seen
+        # so far; None afterwards, so decoding a frame on demand (cache=false) neither warns nor counts again
+        self._labels: dict[str, dict] | None = {
+            s: {"total": 0, "pixels": 0, "files": [], "values": set()} for s in splits
+        }
         self._prepare_cache(sources, self._load, progress=progress)
+        self._labels = None
         self._note_event_resizes()
         self.modalities: tuple[Modality, ...] = tuple(
             Modality(n, MODALITIES[n][2], *self.cache.stats(n), *KINDS[n]) for n in names
@@ -359,6 +399,15 @@ class Deliver(CachedCropDataset):
             )
         return resize
 
+    @staticmethod
+    def _share_option(share: float) -> float:
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ValueError(
+                f"dataset.builder.max_out_of_range={share!r} must be a share between 0 and 1 (of a split's label "
+                f"pixels allowed outside 0..{len(CLASSES)} and 255; default {DEFAULT_MAX_OUT_OF_RANGE})"
+            )
+        return float(share)
+
     # -- verification ---------------------------------------------------------------------------------
     def _verify(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
         """Find the frames from the rgb files and every file derived from them; raise one message listing
@@ -374,15 +423,16 @@ class Deliver(CachedCropDataset):
         rgb_folder = MODALITIES["rgb"][0]
         frames: dict[str, dict[str, Path]] = {}  # tile -> files, every frame found (in SPLITS order)
         for path in index.files:
-            parts = path.relative_to(self.folder).parts  # img/<condition>/<split>/<sequence>/<file>
-            match = RGB_FILE.match(parts[-1])
-            if len(parts) != 5 or parts[0] != rgb_folder or not match:
+            parts = path.relative_to(self.folder).parts  # <folder>/<condition>/<split>/<sequence>/<file>
+            match = FRAME_FILE[parts[0]].match(parts[-1]) if len(parts) == 5 and parts[0] in FRAME_FILE else None
+            if not match:
                 continue
             _, condition, split, sequence, _ = parts
             if condition in self.conditions and split in SPLITS:
                 tile = f"{split}__{condition}__{sequence}__{match['frame']}_{match['view']}"
                 frames[tile] = frame_files(self.folder, condition, split, sequence, match["frame"], match["view"])
         frames = dict(sorted(frames.items(), key=lambda kv: (SPLITS.index(kv[0].split("__")[0]), kv[0])))
+        self._check_coverage(index, frames)
         missing = {k: [t for t, files in frames.items() if files[k] not in on_disk] for k in (*MODALITIES, LABEL[0])}
         incomplete = {t for tiles in missing.values() for t in tiles}
         if incomplete and not self.skip_incomplete:
@@ -402,8 +452,38 @@ class Deliver(CachedCropDataset):
                 raise _missing_data(
                     f"no complete {needed} frame for condition(s) {', '.join(self.conditions)} under "
                     f"{self.folder / rgb_folder} (complete frames per split: {counts or 'none'}; {index.searched()})"
+                    f"{self._other_copies()}"
                 )
         return sources, splits
+
+    def _check_coverage(self, index: FileIndex, frames: Mapping[str, dict[str, Path]]) -> None:
+        """Every selected condition has frames in every split that any of them has: a condition or split whose
+        folders were not extracted must not leave a smaller dataset without a word."""
+        have = {c: {t.split("__")[0] for t in frames if t.split("__")[1] == c} for c in self.conditions}
+        splits = [s for s in SPLITS if any(s in found for found in have.values())]
+        gaps = {c: [s for s in splits if s not in found] for c, found in have.items()}
+        gaps = {c: missing for c, missing in gaps.items() if missing}
+        if not gaps:
+            return
+        counts = {f"{c}/{s}": sum(t.startswith(f"{s}__{c}__") for t in frames) for c in have for s in sorted(have[c])}
+        holes = [f"{c}/{s}" for c, missing in gaps.items() for s in missing]
+        complete = [c for c in self.conditions if c not in gaps]
+        fix = f" or set dataset.builder.conditions=[{', '.join(complete)}] to use only those" if complete else ""
+        raise _missing_data(
+            f"no frame of {', '.join(holes)} in the DELIVER folder {str(self.folder)!r}: no file in img/, hha/, "
+            f"event/, lidar/ or semantic/ under <condition>/<split>/ for them (frames found: {counts or 'none'}; "
+            f"{index.searched()}){self._other_copies()}. Extract those folders from the release archive again{fix}"
+        )
+
+    def _other_copies(self) -> str:
+        """For messages: other DELIVER folders under the root, not read (a complete copy below an incomplete one)."""
+        others = [d for found in _dataset_folders(self.root) for d in found if d != self.folder]
+        if not others:
+            return ""
+        return (
+            f"; the root also holds the DELIVER folder(s) {', '.join(repr(str(d)) for d in others[:3])}, not read "
+            f"(the shallowest one is): if one of them is the complete copy, set dataset.builder.root to it"
+        )
 
     def _missing_message(
         self, index: FileIndex, frames: Mapping[str, dict[str, Path]], missing: Mapping[str, list[str]]
@@ -412,8 +492,9 @@ class Deliver(CachedCropDataset):
         pattern = "<condition>/<split>/<sequence>/<frame>_{}_<view>.png"
         lines = [
             f"{NAME}: files missing in the DELIVER folder {str(self.folder)!r} (found under dataset.builder.root="
-            f"{str(self.root)!r}). Every frame img/{pattern.format('rgb')} needs the files DELIVER's loader derives "
-            f"from its path ({len(frames)} frames found for condition(s) {', '.join(self.conditions)}):"
+            f"{str(self.root)!r}). A frame is found from a file of any of the folders below and needs all of them, "
+            f"at the paths DELIVER's loader derives from img/{pattern.format('rgb')} ({len(frames)} frames found "
+            f"for condition(s) {', '.join(self.conditions)}):"
         ]
         for key in (*MODALITIES, LABEL[0]):
             folder, tag = (MODALITIES[key][0], MODALITIES[key][1]) if key in MODALITIES else LABEL
@@ -427,8 +508,8 @@ class Deliver(CachedCropDataset):
                 line += " (the depth modality is read from hha/, not depth/, as DELIVER does)"
             lines.append(line)
         lines.append(
-            f"({index.searched()}) Put the missing files there (they come in the same DELIVER archive as img/, "
-            f"{SOURCE}) or set dataset.builder.skip_incomplete=true to drop the incomplete frames with a warning."
+            f"({index.searched()}{self._other_copies()}) Extract the missing files again from the DELIVER archive "
+            f"({SOURCE}) or set dataset.builder.skip_incomplete=true to drop the incomplete frames with a warning."
         )
         return "\n".join(lines)
 
@@ -448,13 +529,18 @@ class Deliver(CachedCropDataset):
                 f"size mismatch: {files[name]} is {other[0]} x {other[1]} px but {files['rgb']} is "
                 f"{size[0]} x {size[1]} px{allowed}; replace the file with the release's"
             )
+        if self._labels is not None:  # the split's label pixels (every file has the rgb size), for _out_of_range
+            self._labels[key.split("__")[0]]["total"] += size[0] * size[1]
         return size if self.resize is None else resized_shape(*size, self.resize)[1]
 
     # -- decoding -------------------------------------------------------------------------------------
     def _load(self, tile: str) -> PreparedTile:
         files = {k: Path(v) for k, v in self.cache.sources[tile].items()}
         arrays = {m: _as_three_channels(_read_png(files[m]), files[m]) for m in MODALITIES}
-        mask, unknown = decode_label(_read_png(files[LABEL[0]]))
+        semantic = _read_png(files[LABEL[0]])
+        mask, unknown = decode_label(semantic)
+        if unknown and self._labels is not None:  # while preparing: once per file, not once per sample
+            self._note_out_of_range(tile, files[LABEL[0]], _label_channel(semantic), unknown)
         info: dict[str, object] = {}
         frame = arrays["rgb"].shape[1:]
         if arrays["event"].shape[1:] != frame:  # *_eventlowres: nearest to the frame size, as DELIVER
@@ -466,6 +552,35 @@ class Deliver(CachedCropDataset):
                 mask = _resize(mask, step, nearest=True)
         info.update({"ignored_pixels": int((mask == IGNORE).sum()), "out_of_range_label_pixels": unknown})
         return PreparedTile(arrays={**arrays, "mask": mask}, info=info)
+
+    def _note_out_of_range(self, tile: str, path: Path, raw: np.ndarray, count: int) -> None:
+        """Warn about a label file's values outside 0..25 and 255 (ignored); raise once the split's such pixels
+        exceed ``max_out_of_range`` of all its label pixels (known before decoding, so this is exact)."""
+        values = np.unique(raw[_out_of_range(raw)]).tolist()
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        warnings.warn(
+            f"{path}: {count} pixel(s) with label values outside 0..{len(CLASSES)} and {IGNORE} ({shown}) set to "
+            f"ignore ({IGNORE}); counted in the cache manifest",
+            stacklevel=2,
+        )
+        split = tile.split("__")[0]
+        seen = self._labels[split]
+        seen["pixels"] += count
+        seen["files"].append(path)
+        seen["values"].update(values)
+        if seen["pixels"] > self.max_out_of_range * seen["total"]:
+            found = sorted(seen["values"])
+            raise ValueError(
+                f"{seen['pixels']} {split} label pixels in {len(seen['files'])} file(s) so far (e.g. "
+                f"{', '.join(str(f) for f in seen['files'][:3])}) have values outside 0..{len(CLASSES)} and {IGNORE} "
+                f"({', '.join(map(str, found[:8]))}{', ...' if len(found) > 8 else ''}): already "
+                f"{seen['pixels'] / max(seen['total'], 1):.1%} of the split's {seen['total']} label pixels, more than "
+                f"dataset.builder.max_out_of_range={self.max_out_of_range}. DELIVER's semantic PNGs hold class + 1 "
+                f"in channel 0 (1..{len(CLASSES)}; 0 and {IGNORE} unlabelled), so these are likely other images "
+                f"(labels rendered in colour?): extract semantic/ from the release archive again, or raise the "
+                f"limit to train with those pixels ignored (++dataset.builder.max_out_of_range=0.05 on the command "
+                f"line)"
+            )
 
     def _note_event_resizes(self) -> None:
         tiles = self.manifest["splits"].get(self.split, [])
