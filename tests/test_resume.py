@@ -157,6 +157,7 @@ def test_nothing_to_train_is_an_error(cfg_train):
         ({"scheduler.warmup_fraction": 0.5, "scheduler.power": 0}, r"scheduler\.power=0 must be"),
         ({"trainer.max_epochs": -1}, r"trainer\.max_epochs=-1 with trainer\.max_steps=.*needs a known length"),
         ({"trainer.accelerator": "gpu"}, r"trainer\.accelerator=gpu but torch sees no CUDA GPU.*trainer=cpu"),
+        ({"trainer.precision": "16-mixed"}, r"trainer\.precision=16-mixed needs a GPU; on the CPU use .*bf16-mixed"),
         ({"data.batch_size": 0}, r"data\.batch_size=0 must be a whole number >= 1"),
         ({"data.eval_batch_size": 0}, r"data\.eval_batch_size=0 must be a whole number >= 1"),
         ({"eval.missing_probs": [1.5]}, r"eval\.missing_probs=\[1\.5\] must be a list of numbers in \[0, 1\)"),

@@ -228,6 +228,11 @@ def _check_train_settings(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here (torch.cuda.is_available() is False, "
             f"torch {torch.__version__}): train on the CPU with trainer=cpu, or let it choose: trainer.accelerator=auto"
         )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(trainer.get("precision")) in ("16", "16-mixed"):  # Lightning would train in bf16 instead
+        raise ValueError(
+            f"trainer.precision={trainer.precision} needs a GPU; on the CPU use trainer.precision=bf16-mixed or 32-true"
+        )
     epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps")
     if cfg.get("train", True) and epochs is not None and epochs < 0 and not (steps is not None and steps >= 1):
         raise ValueError(
