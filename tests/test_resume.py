@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO, bind_to, compose_config
@@ -181,6 +182,32 @@ def test_bad_settings_are_refused_before_the_run_folder_is_written(cfg_train, ov
     with pytest.raises(ValueError, match=message):
         train(cfg_train)
     assert not (Path(cfg_train.paths.output_dir) / "config.yaml").exists()
+
+
+def test_overrides_the_run_ignores_are_warned(tmp_path, caplog):
+    """A command-line value for a part the run does not use (MAS knobs without the sampler or the branch, eval's
+    whole-tile options without eval.full_tile) is named in a warning; the same values where they apply are not."""
+    from sgma.tasks import warn_inactive_overrides
+
+    unused = ["model=baseline", "data.mas.floor=0.5", "mas.draw=sample"]
+    with caplog.at_level("WARNING", logger="sgma"):
+        warn_inactive_overrides(bind_to(compose_config("train", ["debug=tiny", *unused]), tmp_path))
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "data.mas.floor=0.5 has no effect in this run: the MAS sampler is off (data.sampler=random)",
+        "mas.draw=sample has no effect in this run: the MAS branch is off (mas.branch=false)",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sgma"):
+        warn_inactive_overrides(bind_to(compose_config("train", ["debug=tiny", "model=sgma", *unused[1:]]), tmp_path))
+        warn_inactive_overrides(bind_to(compose_config("eval", ["ckpt_path=x", "eval.window=256"]), tmp_path))
+        warn_inactive_overrides(
+            bind_to(compose_config("eval", ["ckpt_path=x", "eval.window=256", "eval.full_tile=true"]), tmp_path)
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        "eval.window=256 has no effect in this run: it applies to eval.full_tile=true only"
+    ]
+    GlobalHydra.instance().clear()
 
 
 @contextmanager

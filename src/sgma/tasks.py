@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -212,6 +213,33 @@ TRAIN_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+# command-line overrides that the run ignores: (key prefix, when it is ignored, why). Composed configs always
+# carry these keys, so only what the user set on the command line (or a sweeper chose) is warned about.
+INACTIVE_OVERRIDES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
+    ("data.mas.", lambda c: c.data.get("sampler") != "mas", "the MAS sampler is off (data.sampler=random)"),
+    ("mas.draw", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    ("mas.lambda_mas", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    ("mas.loss_momentum", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    ("eval.window", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+    ("eval.overlap", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+    ("eval.blend", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+]
+
+
+def warn_inactive_overrides(cfg: DictConfig) -> None:
+    """Warn about each command-line override of a setting that this run does not use (e.g. ``data.mas.floor``
+    with ``model=baseline``): a sweep over it would compare identical runs."""
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("+~").split("=", 1)[0]
+        for prefix, ignored, why in INACTIVE_OVERRIDES:
+            if key.startswith(prefix) and OmegaConf.select(cfg, prefix.rstrip("."), default=None) is not None:
+                if ignored(cfg):
+                    log.warning("%s has no effect in this run: %s", override, why)
+                break
+
+
 def _check_train_settings(cfg: DictConfig) -> None:
     """Settings under which train.py would do nothing useful, write a table that looks valid but scores untrained
     weights, or fail deep inside torch or Lightning after the run folder was made."""
@@ -303,6 +331,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     and raises :class:`~sgma.recovery.TrainingInterrupted`.
     """
     _check_train_settings(cfg)
+    warn_inactive_overrides(cfg)
     check_shared_run_dir()
     L.seed_everything(cfg.seed, workers=True)
     fit = bool(cfg.get("train", True))
@@ -445,6 +474,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     table, the plots and the W&B run, the other ranks only return the metrics.
     """
     check_shared_run_dir()
+    warn_inactive_overrides(cfg)
     wandb_logger_node(cfg, "eval.py")  # a wrong logger= fails before the evaluation, not after it
     ckpt = load_checkpoint(cfg.get("ckpt_path"))
     run_cfg = OmegaConf.create(ckpt[CHECKPOINT_KEY]["config"])
