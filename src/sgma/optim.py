@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from torch.optim import Optimizer
@@ -43,18 +44,28 @@ class WarmupPolyLR(LambdaLR):
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 0 <= warmup_fraction < 1:
-            raise ValueError(f"scheduler.warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        if not 0 < start_factor <= 1:
-            raise ValueError(f"scheduler.start_factor must be in (0, 1], got {start_factor}")
-        if not power > 0:
-            raise ValueError(f"scheduler.power must be > 0, got {power}")
+        self.check_options(warmup_fraction=warmup_fraction, start_factor=start_factor, power=power)
         self.total_steps = int(total_steps)
         self.warmup_steps = round(warmup_fraction * total_steps)
         self.start_factor = float(start_factor)
         self.power = float(power)
         # a closure, not a callable object: LambdaLR would store an object's attributes and restore the old length
         super().__init__(optimizer, lambda step: self.factor(step))
+
+    @staticmethod
+    def check_options(*, warmup_fraction: Any = 0.05, start_factor: Any = 0.1, power: Any = 0.9) -> None:
+        """The ``scheduler.*`` values, checked when the scheduler is built and by train.py before the run starts
+        (the scheduler itself is only built once training begins)."""
+
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (number(warmup_fraction) and 0 <= warmup_fraction < 1):
+            raise ValueError(f"scheduler.warmup_fraction={warmup_fraction!r} must be in [0, 1)")
+        if not (number(start_factor) and 0 < start_factor <= 1):
+            raise ValueError(f"scheduler.start_factor={start_factor!r} must be in (0, 1]")
+        if not (number(power) and power > 0):
+            raise ValueError(f"scheduler.power={power!r} must be a number > 0")
 
     def factor(self, step: int) -> float:
         return warmup_poly_factor(

@@ -31,6 +31,7 @@ from sgma.figures import MetricHistory, write_plots
 from sgma.inference import evaluate_full_tiles, tiled_base
 from sgma.metrics import PatternReport
 from sgma.module import SegmentationModule
+from sgma.optim import WarmupPolyLR
 from sgma.panels import collect_panels, panel_indices, panel_patterns
 from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
 from sgma.reporting import print_table, write_report
@@ -194,25 +195,6 @@ def _write_run_plots(
     log.info("%d plots written to %s", len(files), plots)
 
 
-def _number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
-    def test(v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            return False
-        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-
-    return test
-
-
-# settings that the objects using them only meet once training has started (the optimizer, the schedule, the
-# step count): checked before anything is built or written, each with the range it needs
-TRAIN_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("optimizer.lr", _number_in(0, math.inf, low_open=True), "a number > 0"),
-    ("scheduler.warmup_fraction", _number_in(0, 1, high_open=True), "in [0, 1)"),
-    ("scheduler.start_factor", _number_in(0, 1, low_open=True), "in (0, 1]"),
-    ("scheduler.power", _number_in(0, math.inf, low_open=True), "a number > 0"),
-]
-
-
 # command-line overrides that the run ignores: (key prefix, when it is ignored, why). Composed configs always
 # carry these keys, so only what the user set on the command line (or a sweeper chose) is warned about.
 INACTIVE_OVERRIDES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
@@ -245,10 +227,15 @@ def _check_train_settings(cfg: DictConfig) -> None:
     weights, or fail deep inside torch or Lightning after the run folder was made."""
     if not cfg.get("train", True) and not cfg.get("test", True):
         raise ValueError("train=false test=false: nothing to do; use train=true to train, or test=true ckpt_path=PATH")
-    for key, valid, expected in TRAIN_VALUE_RULES:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not valid(value):
-            raise ValueError(f"{key}={value!r} must be {expected}")
+    # the optimizer and the schedule are only built once training starts: their values are checked now
+    lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
+    if lr is not None and not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < math.inf):
+        raise ValueError(f"optimizer.lr={lr!r} must be a number > 0")
+    scheduler = cfg.get("scheduler")
+    if scheduler and scheduler.get("_target_") == f"{WarmupPolyLR.__module__}.{WarmupPolyLR.__name__}":
+        WarmupPolyLR.check_options(
+            **{k: scheduler[k] for k in ("warmup_fraction", "start_factor", "power") if k in scheduler}
+        )
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

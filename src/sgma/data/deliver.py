@@ -556,24 +556,23 @@ class Deliver(CachedCropDataset):
     def _note_out_of_range(self, tile: str, path: Path, raw: np.ndarray, count: int) -> None:
         """Warn about a label file's values outside 0..25 and 255 (ignored); raise once the split's such pixels
         exceed ``max_out_of_range`` of all its label pixels (known before decoding, so this is exact)."""
-        values = np.unique(raw[_out_of_range(raw)]).tolist()
-        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        values = [str(v) for v in np.unique(raw[_out_of_range(raw)])]
         warnings.warn(
-            f"{path}: {count} pixel(s) with label values outside 0..{len(CLASSES)} and {IGNORE} ({shown}) set to "
-            f"ignore ({IGNORE}); counted in the cache manifest",
+            f"{path}: {count} pixel(s) with label values outside 0..{len(CLASSES)} and {IGNORE} "
+            f"({sample(values, 5)}) set to ignore ({IGNORE}); counted in the cache manifest",
             stacklevel=2,
         )
         split = tile.split("__")[0]
         seen = self._labels[split]
         seen["pixels"] += count
         seen["files"].append(path)
-        seen["values"].update(values)
+        seen["values"].update(map(int, values))
         if seen["pixels"] > self.max_out_of_range * seen["total"]:
             found = sorted(seen["values"])
             raise ValueError(
                 f"{seen['pixels']} {split} label pixels in {len(seen['files'])} file(s) so far (e.g. "
                 f"{', '.join(str(f) for f in seen['files'][:3])}) have values outside 0..{len(CLASSES)} and {IGNORE} "
-                f"({', '.join(map(str, found[:8]))}{', ...' if len(found) > 8 else ''}): already "
+                f"({sample([str(v) for v in found], 8)}): already "
                 f"{seen['pixels'] / max(seen['total'], 1):.1%} of the split's {seen['total']} label pixels, more than "
                 f"dataset.builder.max_out_of_range={self.max_out_of_range}. DELIVER's semantic PNGs hold class + 1 "
                 f"in channel 0 (1..{len(CLASSES)}; 0 and {IGNORE} unlabelled), so these are likely other images "

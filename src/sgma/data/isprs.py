@@ -534,13 +534,12 @@ def _warn_partial_variant(dataset: str, lacking: Sequence[str], *, present: bool
     """``auto`` fell back to the second variant for every tile because the first is there for only some: that
     is usually a half-extracted archive, so name its missing files rather than switch quietly."""
     if present and lacking:
-        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
         log.warning(
             "%s: %d needed file(s) of the preferred variant are missing (%s, from %s), so every tile uses the "
             "other one; extract them again to use the preferred variant, or set dataset.builder.%s to choose this",
             dataset,
             len(lacking),
-            shown,
+            sample(lacking, 3),
             archive,
             chosen,
         )
