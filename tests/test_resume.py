@@ -169,6 +169,14 @@ def test_nothing_to_train_is_an_error(cfg_train):
         ({"augment.rotate90": "no"}, r"augment\.rotate90='no' must be true or false"),
         ({"data.sampler": "mas", "data.mas.floor": 2}, r"data\.mas\.floor must be in \[0, 1\]"),
         ({"dataset.splits.train.num_samples": 0}, r"dataset\.splits\.train\.num_samples must be >= 1, got 0"),
+        (
+            {"callbacks.model_checkpoint.monitor": "val/avg/mIoU"},
+            r"callbacks\.model_checkpoint\.monitor=val/avg/mIoU is not a metric .*\(did you mean val/avg/miou\?\)",
+        ),
+        (  # a validation pattern subset logs no E[mIoU] rows
+            {"data.val_patterns": ["rgb", "nir"], "optimized_metric": "val/p0.3/miou"},
+            r"optimized_metric=val/p0\.3/miou is not a metric this run logs .* for one of rgb, nir, \.\.\.$",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_the_run_folder_is_written(cfg_train, overrides, message):

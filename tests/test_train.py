@@ -29,6 +29,10 @@ def test_train_then_eval_checkpoint(cfg_train, tmp_path):
     assert {"avg", "top1", "last1", "p0.5"} <= set(table["summaries"])
     assert 0 <= metrics["test/avg/miou"] <= 1 and metrics["test/last1/miou"] <= metrics["test/top1/miou"]
     assert len((run / "patterns.csv").read_text().splitlines()) == 1 + N_PATTERNS + len(table["summaries"])
+    # what a checkpoint monitor may name (checked before training) is what validation logged
+    logged = {k for k in metrics if k.startswith("val/")}
+    names = objects["module"].validation_metric_names(objects["datamodule"].eval_patterns("val"))
+    assert {"val/avg/miou", "val/p0.5/miou", "val/rgb+nir+dsm/oa", "val/loss"} <= logged <= names
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and "sgma" in torch.load(ckpt, map_location="cpu", weights_only=False)
 

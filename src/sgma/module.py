@@ -366,6 +366,19 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test", self.test_split)
 
+    def validation_metric_names(self, val_patterns: Sequence[str]) -> set[str]:
+        """Every name a validation epoch over ``val_patterns`` logs (what a checkpoint ``monitor`` may name)."""
+        n, c = len(self.patterns), len(self.class_names)
+        report = build_report(
+            torch.eye(c).expand(n, c, c),  # perfect scores: no class is NaN, so no name is left out
+            torch.tensor([int(p in val_patterns) for p in self.patterns]),
+            all_patterns=self.patterns,
+            class_names=self.class_names,
+            exclude_classes=self.exclude_classes,
+            missing_probs=self.missing_probs,
+        )
+        return {*report.metrics("val"), "val/loss", "val/avg/miou_best"}
+
     # optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -6,6 +6,7 @@ place (:mod:`sgma.builders`) so a checkpoint's stored config rebuilds exactly th
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import warnings
@@ -269,6 +270,24 @@ def _check_train_settings(cfg: DictConfig) -> None:
         )
 
 
+def check_monitored_names(cfg: DictConfig, module: SegmentationModule, dm: MultiModalDataModule) -> None:
+    """Refuse a ``monitor`` or ``optimized_metric`` that names no validation metric of this run (a typo, or
+    ``val/p0.3/miou`` with a pattern subset): Lightning would fail only after the first epoch's validation."""
+    names = module.validation_metric_names(dm.eval_patterns("val"))
+    settings = [(f"callbacks.{k}.monitor", c.get("monitor")) for k, c in (cfg.get("callbacks") or {}).items() if c]
+    settings.append(("optimized_metric", cfg.get("optimized_metric")))
+    for setting, name in settings:
+        # training-loss and learning-rate names depend on callbacks and the MAS branch; test names exist after fit
+        if not isinstance(name, str) or name.startswith(("train/", "lr-", "test/")) or name in names:
+            continue
+        close = difflib.get_close_matches(name, sorted(names), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(
+            f"{setting}={name} is not a metric this run logs at validation{hint}: it logs val/avg/miou (the Average "
+            f"over the validation patterns), val/<pattern>/miou for one of {', '.join(dm.eval_patterns('val'))}, ..."
+        )
+
+
 def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict) -> dict:
     """Read the checkpoint to resume without running code in it; refuse one trained with another config."""
     # a crafted or damaged file is refused here, with a clear message, before Lightning unpickles it
@@ -332,6 +351,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
+    if fit:
+        check_monitored_names(cfg, module, dm)
     # written once the data and the model are built: a setting they refuse leaves no config of a run that never ran
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
     callbacks, loggers = callbacks_and_loggers(cfg, wandb_id=resumed.get("wandb_id"))
