@@ -41,6 +41,7 @@ def _cache(root: Path) -> TileCache:
         sources=_sources(root / "src"),
         splits={"train": ["a", "b"], "val": ["c"]},
         stat_keys=("img", "height"),
+        root=root,
     )
 
 
@@ -178,6 +179,30 @@ def test_truncated_array_is_rebuilt_with_a_logged_reason(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("rebuilding the toy tile cache" in m and "truncated" in m for m in warned)
     assert _digest(reopened) == expected  # rebuilt, readable to the last row
+
+
+def test_rewritten_source_keeping_size_and_mtime_is_noticed(tmp_path):
+    """``cp -p``, ``rsync -t`` or ``tar x`` give a changed file its old size and mtime: its status-change time
+    still differs, so the cache built from the old content is not used."""
+    cache = _cache(tmp_path)
+    cache.open_or_prepare(_Loader(tmp_path / "markers"), progress=False)
+    source = tmp_path / "src" / "b.txt"
+    before = source.stat()
+    time.sleep(0.01)
+    source.write_text("B")  # same size, new content
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert source.stat().st_size == before.st_size and source.stat().st_mtime_ns == before.st_mtime_ns
+    assert _cache(tmp_path).stale_reason() == "source files changed: b/src"
+
+
+def test_moved_data_root_keeps_its_cache(tmp_path):
+    """Sources are recorded relative to the data root: a root moved (renamed) with its cache is not rebuilt."""
+    cache = _cache(tmp_path / "one")
+    cache.open_or_prepare(_Loader(tmp_path / "markers"), progress=False)
+    assert cache.manifest["sources"]["a"]["src"]["path"] == "src/a.txt"
+    (tmp_path / "one").rename(tmp_path / "two")
+    moved = _cache(tmp_path / "two")
+    assert moved.stale_reason() is None and moved.manifest["created"] == cache.manifest["created"]
 
 
 def test_changed_dtype_or_shape_is_rebuilt(tmp_path, caplog):

@@ -63,6 +63,11 @@ def copy_of(root: Path, dest: Path) -> Path:
     return dest
 
 
+def relative(root: Path, path: Path) -> str:
+    """A source as the cache manifest records it: relative to the data root."""
+    return str(path.relative_to(root))
+
+
 def cache_files(cache_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(cache_dir)): p.stat().st_mtime_ns for p in sorted(cache_dir.rglob("*")) if p.is_file()}
 
@@ -97,8 +102,8 @@ def test_potsdam_split_tiles(potsdam_root):
     assert set(test.tiles) == set(Potsdam.TEST_TILES)
     sources = train.manifest["sources"]
     for tile in test.tiles:  # eroded labels for test, full ones for train/val (flat in the root: no folder in the zip)
-        assert sources[tile]["label"]["path"] == str(potsdam_root / f"top_potsdam_{tile}_label_noBoundary.tif")
-    assert sources["2_10"]["label"]["path"] == str(potsdam_root / "top_potsdam_2_10_label.tif")
+        assert sources[tile]["label"]["path"] == f"top_potsdam_{tile}_label_noBoundary.tif"  # relative to the root
+    assert sources["2_10"]["label"]["path"] == "top_potsdam_2_10_label.tif"
     assert sources["2_10"]["dsm"]["path"].endswith("1_DSM_normalisation/dsm_potsdam_02_10_normalized_lastools.jpg")
     assert sources["6_7"]["dsm"]["path"].endswith("dsm_potsdam_06_07_normalized_lastools.jpg")
     # the test split's eroded labels have ignored boundaries, train labels none
@@ -107,7 +112,7 @@ def test_potsdam_split_tiles(potsdam_root):
     assert all(tiles_meta[t]["info"]["label"]["boundary"] == 0 for t in train.tiles)
     # with full test labels instead (a different cache option: separate cache dir to keep the shared one)
     full = quiet(Potsdam, "test", root=potsdam_root, eroded_test_labels=False, cache_dir=potsdam_root / "c2")
-    assert full.manifest["sources"]["2_13"]["label"]["path"] == str(potsdam_root / "top_potsdam_2_13_label.tif")
+    assert full.manifest["sources"]["2_13"]["label"]["path"] == "top_potsdam_2_13_label.tif"
     assert "7_10" in quiet(Potsdam, "train", root=potsdam_root, drop_tiles=[], cache_dir=potsdam_root / "c3").tiles
 
 
@@ -148,7 +153,7 @@ def test_off_palette_counted_and_warned(potsdam_root, tmp_path):
 def test_broken_4_12_label(potsdam_root, tmp_path):
     train = quiet(Potsdam, "train", root=potsdam_root)
     fixed = potsdam_root / "5_Labels_for_participants/top_potsdam_4_12_label.tif"
-    assert train.manifest["sources"]["4_12"]["label"]["path"] == str(fixed)
+    assert train.manifest["sources"]["4_12"]["label"]["path"] == relative(potsdam_root, fixed)
     expected, _ = decode_labels(read_raster(fixed)[0])
     assert (np.asarray(train.cache.array("4_12", "mask")) == expected).all()
     # the broken overlay itself is rejected by the decoder (mostly off-palette)
@@ -251,12 +256,12 @@ def test_vaihingen(vaihingen_root):
     assert (np.asarray(train.cache.array(VAIHINGEN_NAN_DSM, "dsm"))[0, :5, :5] == 0).all()
     sources = test.manifest["sources"]
     # the COMPLETE zips unpack flat; the full labels carry the image names (told apart by their pixels)
-    assert sources["2"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area2_noBoundary.tif")
-    assert sources["2"]["irrg"]["path"] == str(vaihingen_root / "top/top_mosaic_09cm_area2.tif")
-    assert train.manifest["sources"]["1"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area1.tif")
+    assert sources["2"]["label"]["path"] == "top_mosaic_09cm_area2_noBoundary.tif"
+    assert sources["2"]["irrg"]["path"] == "top/top_mosaic_09cm_area2.tif"
+    assert train.manifest["sources"]["1"]["label"]["path"] == "top_mosaic_09cm_area1.tif"
     assert train.input_transforms == {"dsm": {"name": "heights_above_ground"}} and train.dsm_source == "dsm"
     full = quiet(Vaihingen, "test", root=vaihingen_root, eroded_test_labels=False, cache_dir=vaihingen_root / "c2")
-    assert full.manifest["sources"]["2"]["label"]["path"] == str(vaihingen_root / "top_mosaic_09cm_area2.tif")
+    assert full.manifest["sources"]["2"]["label"]["path"] == "top_mosaic_09cm_area2.tif"
     assert meta["2"]["info"]["label"]["off_palette"] == 5 and meta["2"]["info"]["label"]["boundary"] > 0
 
 
@@ -626,7 +631,7 @@ def test_potsdam_6_7_cars(tmp_path):
     root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=["6_7", "2_10", "2_13"])
     data = few_potsdam(root)["train"]
     good = root / "5_Labels_for_participants/top_potsdam_6_7_label.tif"
-    assert data.manifest["sources"]["6_7"]["label"]["path"] == str(good)
+    assert data.manifest["sources"]["6_7"]["label"]["path"] == relative(root, good)
     expected, stats = decode_labels(read_raster(good)[0])
     cars = stats["class_counts"][CLASSES.index("car")]
     assert cars > 0 and (np.asarray(data.cache.array("6_7", "mask")) == expected).all()
@@ -655,7 +660,7 @@ def test_potsdam_participants_eroded_not_taken_for_labels(tmp_path):
     nested = root / "5_Labels_for_participants/5_Labels_for_participants"
     nested.mkdir(parents=True)
     (eroded_dir / good.name).rename(nested / good.name)
-    assert few_potsdam(root)["train"].manifest["sources"]["4_12"]["label"]["path"] == str(nested / good.name)
+    assert few_potsdam(root)["train"].manifest["sources"]["4_12"]["label"]["path"] == relative(root, nested / good.name)
 
 
 def test_duplicate_copies(tmp_path):
@@ -663,8 +668,9 @@ def test_duplicate_copies(tmp_path):
     root = make_fake_potsdam(tmp_path / "p", tile_size=32, tiles=FEW)
     second = root / "again/4_Ortho_RGBIR"
     shutil.copytree(root / "4_Ortho_RGBIR", second)
-    assert few_potsdam(root)["train"].manifest["sources"]["2_11"]["rgbir"]["path"] == str(
-        root / "4_Ortho_RGBIR/top_potsdam_2_11_RGBIR.tif"
+    assert (
+        few_potsdam(root)["train"].manifest["sources"]["2_11"]["rgbir"]["path"]
+        == "4_Ortho_RGBIR/top_potsdam_2_11_RGBIR.tif"
     )
     copy = second / "top_potsdam_2_11_RGBIR.tif"
     write_geotiff(copy, np.zeros((4, 32, 32), np.uint8))
@@ -687,8 +693,8 @@ def test_vaihingen_release_variants(tmp_path):
     assert train.dsm_source == "ndsm" and train.input_transforms == {}
     assert train.manifest["options"]["dsm_source"] == "ndsm"
     sources = train.manifest["sources"]
-    assert sources["1"]["label"]["path"] == str(root / "top_mosaic_09cm_area1.tif")
-    assert sources["1"]["irrg"]["path"] == str(root / "top/top_mosaic_09cm_area1.tif")
+    assert sources["1"]["label"]["path"] == "top_mosaic_09cm_area1.tif"
+    assert sources["1"]["irrg"]["path"] == "top/top_mosaic_09cm_area1.tif"
     ndsm = read_raster(root / "ndsm/dsm_09cm_matching_area1_normalized.jpg")[0]
     cached = train.cache.array("1", "dsm")
     assert cached.dtype == np.float16 and (np.asarray(cached) == ndsm).all()

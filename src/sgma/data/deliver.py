@@ -358,6 +358,7 @@ class Deliver(CachedCropDataset):
                 "resize": self.resize,
                 "max_out_of_range": self.max_out_of_range,
             },
+            root=self.root,
             stat_keys=tuple(MODALITIES),
             store_arrays=cache,
         )

@@ -323,6 +323,7 @@ class DFC2023(CachedCropDataset):
                 "split_seed": split_seed,
                 "cities": cities,
             },
+            root=self.root,
             stat_keys=tuple(MODALITIES),
         )
         self._coco: dict[str, Any] = {}

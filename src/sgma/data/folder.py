@@ -358,6 +358,7 @@ class FolderDataset(CachedCropDataset):
             splits=splits,
             # kind/value_max change augmentation, not the decoded pixels: editing them keeps the cache
             options={"description": _without_augmentation_keys(self.desc)},
+            root=self.root,
             stat_keys=tuple(self._mods),
         )
         self._prepare_cache(sources, self._load, progress=progress)

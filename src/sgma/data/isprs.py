@@ -335,6 +335,7 @@ class _ISPRSDataset(CachedCropDataset):
             sources=sources,
             splits=splits,
             options=self._cache_options(),
+            root=self.root,
             stat_keys=tuple(self.MODALITIES),
         )
         self._prepare_cache(sources, self._load_tile, progress=progress)

@@ -11,9 +11,10 @@ Cache layout (``<root>/.sgma_cache/<dataset>-v<CACHE_VERSION>/`` unless ``cache_
     <tile>/<key>.npy         # uint8 for images and labels (class ids, 255 = ignore), float16 for heights
 
 ``manifest.json`` holds the format version, the options that change the cache's content, every source
-file's path/size/mtime, the per-split tile lists (after defects have dropped tiles), per-tile shapes and
-label statistics, tiles that were skipped (and why), and the per-modality mean/std measured on the TRAIN
-tiles only (the "compute stats" step; the datasets turn them into :class:`~sgma.modalities.Modality`).
+file's path (relative to the data root), size, mtime and ctime, the per-split tile lists (after defects have
+dropped tiles), per-tile shapes and label statistics, tiles that were skipped (and why), and the per-modality
+mean/std measured on the TRAIN tiles only (the "compute stats" step; the datasets turn them into
+:class:`~sgma.modalities.Modality`).
 A cache whose version, options or sources differ, or one whose arrays do not match the manifest (a
 missing or truncated ``.npy``, another shape or dtype), is rebuilt from scratch and the reason is logged:
 caches are never mixed or patched.
@@ -59,7 +60,7 @@ import torch
 
 log = logging.getLogger("sgma")
 
-CACHE_VERSION = 2  # 2: heights clipped to HEIGHT_RANGE, statistics leave no-data and outliers out
+CACHE_VERSION = 3  # 2: heights clipped to HEIGHT_RANGE, statistics leave no-data and outliers out; 3: ctime, root
 MANIFEST = "manifest.json"
 CROP_MULTIPLE = 32  # encoders downsample by 32: input sides must be multiples of it
 STORAGE_DTYPES = (np.uint8, np.float16)
@@ -293,10 +294,15 @@ def read_window(array: np.ndarray, y: int, x: int, size: int, fill: float | None
 
 
 # --------------------------------------------------------------------------------------------- sources
-def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """What identifies a source file's version: absolute path, size and modification time (ns)."""
+def fingerprint(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What identifies a source file's version: its path (relative to ``root`` when inside it, so a data root
+    moved with its cache keeps the cache), size, modification and status-change times (ns). The status-change
+    time catches a rewrite that keeps size and mtime (``cp -p``, ``rsync -t``, ``tar x``): no one can set it."""
     st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    resolved = Path(path).resolve()
+    if root is not None and resolved.is_relative_to(Path(root).resolve()):
+        resolved = resolved.relative_to(Path(root).resolve())
+    return {"path": str(resolved), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def cache_lock_path(cache_dir: str | os.PathLike) -> Path:
@@ -444,7 +450,8 @@ class TileCache:
     ``sources`` maps tile -> {role: path} (every file the tile's content depends on), ``splits`` maps split
     -> tile ids, ``options`` are the settings that change the content (a different value rebuilds), and
     ``stat_keys`` are the keys whose per-channel mean/std are measured on ``stats_split``.
-    ``store_arrays=False`` keeps only the manifest and decodes tiles on demand (module docstring).
+    ``store_arrays=False`` keeps only the manifest and decodes tiles on demand (module docstring). Sources under
+    ``root`` (the dataset's folder) are recorded relative to it.
     """
 
     def __init__(
@@ -458,8 +465,10 @@ class TileCache:
         stat_keys: Sequence[str] = (),
         stats_split: str = "train",
         store_arrays: bool = True,
+        root: str | os.PathLike | None = None,
     ) -> None:
         self.dir = Path(cache_dir)
+        self.root = root
         self.store_arrays = bool(store_arrays)
         self._load: Callable[[str], PreparedTile] | None = None  # manifest only: decodes a tile on demand
         self._decoded: tuple[str, dict[str, np.ndarray]] | None = None  # manifest only: the last tile decoded
@@ -478,7 +487,7 @@ class TileCache:
 
     # -- validity -------------------------------------------------------------------------------------
     def _expected_sources(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return {t: {k: fingerprint(p) for k, p in files.items()} for t, files in self.sources.items()}
+        return {t: {k: fingerprint(p, self.root) for k, p in files.items()} for t, files in self.sources.items()}
 
     def stale_reason(self) -> str | None:
         """Why the on-disk cache cannot be used (None: it is valid and loaded into ``self.manifest``).
