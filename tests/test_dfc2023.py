@@ -325,7 +325,23 @@ def test_nodata_warned_once_per_file_with_its_fill(small, tmp_path):
         assert ds.manifest["tiles"][stem]["info"]["nodata_pixels"] == {"dsm": 28, "sar": 16}
 
 
-@pytest.mark.parametrize("marker", [-9999.0, float(np.finfo(np.float32).max)], ids=["-9999", "float32-max"])
+def test_heights_below_minus_1000_m_are_nodata(small, tmp_path):
+    """An undeclared -9999 marker is no-data (0 m, as for ISPRS), not clipped to a 100 m deep pit."""
+    stem = "SV_Oslo_59.9000_10.7000"
+    dsm_file = small / "track2" / "train" / "dsm" / f"{stem}.tif"
+    with rasterio.open(dsm_file) as src:
+        dsm = src.read(1)
+    dsm[:5, :5] = -9999
+    write_geotiff(dsm_file, dsm, gsd=0.5)
+    with pytest.warns(UserWarning) as caught:
+        ds = _ds(small, cache_dir=tmp_path / "a")
+    assert any(re.search(rf"dsm/{stem}\.tif: 25 no-data/NaN pixel\(s\) set to 0 m$", str(w.message)) for w in caught)
+    assert not any("outside" in str(w.message) for w in caught)
+    assert ds.manifest["tiles"][stem]["info"]["outliers"]["dsm"]["below"] == 0
+    assert float(ds.cache.array(stem, "dsm")[0, :5, :5].max()) == 0.0
+
+
+@pytest.mark.parametrize("marker", [-500.0, float(np.finfo(np.float32).max)], ids=["-500", "float32-max"])
 def test_undeclared_nodata_warning_names_the_fix(small, tmp_path, marker):
     stem = "SV_Oslo_59.9000_10.7000"
     dsm_file = small / "track2" / "train" / "dsm" / f"{stem}.tif"

@@ -26,8 +26,9 @@ predict.py to convert its raw inputs the same way.
 Every image is decoded once (polygons and RLE rasterised with pycocotools) into the memory-mapped cache of
 :mod:`sgma.data.tiles` (``<root>/.sgma_cache/dfc2023-v<version>/`` or ``cache_dir``), whose manifest also
 stores the per-modality mean/std measured on the train split (written atomically with the cache).
-No-data/NaN pixels are found on the raw values, before the dB conversion, counted in the manifest, warned
-once per file and set to 0 m (heights) and to "no return" (SAR: 0 power, i.e. -25 dB). Heights outside
+No-data/NaN pixels (and heights below -1000 m, :data:`~sgma.data.tiles.NODATA_BELOW`, as for ISPRS) are found
+on the raw values, before the dB conversion, counted in the manifest, warned once per file and set to 0 m
+(heights) and to "no return" (SAR: 0 power, i.e. -25 dB). Other heights outside
 :data:`~sgma.data.tiles.HEIGHT_RANGE` ([-100, 1000] m; nothing built is taller than 828 m, so such values
 are undeclared no-data or sensor failures) are clipped into it, and linear SAR values beyond the float16
 storage (+-65000) are clipped to it; both are counted per image with one warning (which says how to declare
@@ -56,6 +57,7 @@ from sgma.data.preprocess import SAR_DB_RANGE, sar_to_db
 from sgma.data.tiles import (
     FLOAT16_LIMIT,
     HEIGHT_RANGE,
+    NODATA_BELOW,
     CachedCropDataset,
     PreparedTile,
     TileCache,
@@ -532,6 +534,8 @@ class DFC2023(CachedCropDataset):
         invalid = ~np.isfinite(x)
         if nodata is not None and np.isfinite(nodata):
             invalid |= x == np.float32(nodata)
+        if modality == "dsm":  # -9999, -32768, -3.4e38: an undeclared marker, not a 1 km deep pit
+            invalid |= x < NODATA_BELOW
         n = info["nodata_pixels"][modality] = int(invalid.sum())
         fill, filled = 0.0, "0 m" if modality == "dsm" else "0 power (no return)"  # 0 m above ground
         if modality == "sar" and self.sar_scale == "db":

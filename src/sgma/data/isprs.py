@@ -61,6 +61,7 @@ import numpy as np
 from sgma.data.discovery import DuplicateFileError, FileIndex, Part, inventory, sample
 from sgma.data.tiles import (
     HEIGHT_RANGE,
+    NODATA_BELOW,
     CachedCropDataset,
     PreparedTile,
     TileCache,
@@ -82,7 +83,6 @@ IGNORE_INDEX = 255
 KINDS = {"rgb": ("optical", 255.0), "nir": ("optical", 255.0), "irrg": ("optical", 255.0), "dsm": ("elevation", None)}
 SPLITS = ("train", "val", "test")
 ISPRS_URL = "https://www.isprs.org/education/benchmarks/UrbanSemLab/default.aspx"
-NODATA_BELOW = -1000.0  # DSM values below this are no-data whatever the file's nodata tag says
 GROUND_PERCENTILE = 2.0
 log = logging.getLogger("sgma")
 BGR_SUSPECT = 0.3  # share of car + clutter pixels above which a label is probably in BGR order

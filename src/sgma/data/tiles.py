@@ -68,6 +68,7 @@ STORAGE_DTYPES = (np.uint8, np.float16)
 # sensor or processing failures (no-data markers such as 1e30 or -3.4e38 that the file does not declare):
 # the tallest building is 828 m and the deepest urban excavations a few tens of metres below the ground.
 HEIGHT_RANGE = (-100.0, 1000.0)
+NODATA_BELOW = -1000.0  # heights below this are no-data markers (-9999, -32768, -3.4e38) whatever the file declares
 FLOAT16_LIMIT = 65000.0  # the float16 storage saturates at 65504
 
 
