@@ -364,3 +364,35 @@ def test_mas_reweights_only_within_the_policy_support():
             policy.patterns[pid] for epoch in range(5) for _, pid in (sampler.set_epoch(epoch) or sampler.epoch_keys())
         }
         assert drawn == allowed
+
+
+def test_mas_reweights_the_policy_law_so_missing_p_keeps_its_effect():
+    """missing=bernoulli missing.p=... after warm-up: MAS tilts the policy's law towards the fragile modality
+    (was: uniform over the policy's support, whatever p). Uniform robustness gives the policy's law itself."""
+    from sgma.data.missing import BernoulliDropout
+
+    present = {}
+    for p in (0.1, 0.9):
+        policy = BernoulliDropout(p)
+        policy.bind(("rgb", "nir", "dsm"))
+        memory = RobustnessMemory(300, 3)
+        memory.observe(
+            torch.arange(300), torch.ones(300, 3, dtype=torch.bool), torch.tensor([[0.34, 0.33, 0.33]] * 300)
+        )
+        memory.commit()
+        sampler = MASSampler(300, policy, memory, seed=0, warmup_epochs=1)
+        # warm-up: the epoch draws from the policy, and that is the law reported
+        _, q_warm = sampler.epoch_law()
+        assert np.allclose(q_warm, policy.law())
+        sampler.set_epoch(1)
+        assert sampler.active
+        _, q = sampler.probabilities()
+        assert np.allclose(q, policy.law(), atol=0.01)  # nearly uniform robustness: nearly the policy's law
+        present[p] = sampler.modality_probabilities()
+        drawn = np.array(
+            [sampler.masks[pid] for e in range(1, 6) for _, pid in (sampler.set_epoch(e) or sampler.epoch_keys())]
+        )
+        assert np.allclose(drawn.mean(axis=0), present[p], atol=0.03)
+    # each modality present with P(kept | at least one kept): 0.9 / (1 - 0.1^3) and 0.1 / (1 - 0.9^3)
+    assert np.allclose(present[0.1], 0.9 / (1 - 0.1**3), atol=0.01)
+    assert np.allclose(present[0.9], 0.1 / (1 - 0.9**3), atol=0.01)

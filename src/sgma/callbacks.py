@@ -12,10 +12,10 @@ class RobustnessFeedback(Callback):
 
     Per step: the per-sample, per-modality mean robustness that the module returns goes into the memory's
     epoch buffers, which stay on the training device (no per-step transfer, so the step never waits for the
-    GPU). Per epoch: the buffers are summed across DDP ranks and folded into the memory (EMA), so
-    every rank draws the next epoch from the same memory; then the sampler's per-modality probabilities
-    (``mas/present_<m>``: chance a drawn pattern holds m, ``mas/fragile_<m>``: share of draws whose most
-    fragile modality is m) and the memory's mean relative robustness (``mas/rho_<m>``) are logged.
+    GPU). Per epoch: the law the epoch drew from is logged (``mas/present_<m>``: chance a drawn pattern holds
+    m, ``mas/fragile_<m>``: share of draws whose most fragile modality is m; during warm-up, the ``missing``
+    policy's), then the buffers are summed across DDP ranks and folded into the memory (EMA), so every rank
+    draws the next epoch from the same memory, and its mean relative robustness (``mas/rho_<m>``) is logged.
     """
 
     @staticmethod
@@ -44,14 +44,14 @@ class RobustnessFeedback(Callback):
             torch.distributed.all_reduce(t)
             return t.cpu()
 
-        sampler.memory.commit(all_reduce=all_reduce if distributed else None)
         names = [m.name for m in trainer.datamodule.modalities]
         values = {}
-        for prefix, probs in (
+        for prefix, probs in (  # before the commit: the memory this epoch's draw read
             ("present", sampler.modality_probabilities()),
             ("fragile", sampler.fragile_modality_share()),
         ):
             values.update({f"mas/{prefix}_{n}": float(p) for n, p in zip(names, probs, strict=True)})
+        sampler.memory.commit(all_reduce=all_reduce if distributed else None)
         observed = sampler.memory.values
         values.update({f"mas/rho_{n}": float(observed[:, i].mean()) for i, n in enumerate(names)})
         pl_module.log_dict(values, on_step=False, on_epoch=True)

@@ -215,22 +215,21 @@ class MASSampler(EpochSampler):
       ``s_im = f_im^(1/T) / sum_m' f_im'^(1/T)`` (T = 1 is exactly ``(1/r_m) / sum_m' (1/r_m')``);
     - sample weight ``w_i = max_m s_im`` in [1/M, 1], equal for all samples when robustness is uniform;
       sample probability ``p_i = floor / N + (1 - floor) * w_i / sum_j w_j`` (every sample keeps >= floor/N);
-    - pattern probability per sample ``q_i(P) ∝ mean_{m in P} s_im`` (favours patterns that contain the fragile
-      modality, most of all that modality alone; uniform when s is uniform), mixed with uniform:
-      ``(1 - mix) * q_i(P) + mix / |patterns|`` (every pattern keeps >= mix/|patterns| on every sample).
-      ``patterns`` are those the ``missing`` policy can draw (all of them for ``missing=uniform``): MAS
-      reweights within the policy's support and never trains a pattern the user excluded.
+    - pattern probability per sample ``q_i(P) ∝ pi(P) * mean_{m in P} s_im``, with ``pi`` the ``missing``
+      policy's law (uniform over all patterns for ``missing=uniform``): it favours patterns that contain the
+      fragile modality, most of all that modality alone, and is ``pi`` itself when s is uniform. Mixed with the
+      policy's law: ``(1 - mix) * q_i(P) + mix * pi(P)`` (every pattern keeps >= mix * pi(P) on every
+      sample). MAS reweights the policy (``missing.p`` keeps its effect) and never trains a pattern it excludes.
 
     Each epoch is one draw from ``np.random.default_rng((seed, epoch))``, identical on every rank: N sample
     slots by systematic resampling of p (sample i appears floor(N p_i) or ceil(N p_i) times, so uniform p is a
     permutation), shuffled, each slot's pattern drawn from q_i; then :func:`equal_shard` gives every rank a
     disjoint, equal-length share. During warm-up (epoch < ``warmup_epochs``) and while the memory is still
     exactly uniform, it is plain modality dropout: a permutation with patterns from ``policy`` (the same keys
-    as :class:`~sgma.data.datamodule.RandomPatternSampler`). After warm-up MAS replaces the policy's pattern law
-    by q over the policy's support (uniform over it when robustness is uniform).
+    as :class:`~sgma.data.datamodule.RandomPatternSampler`). After warm-up the draw follows p and q.
 
-    Knobs (config ``data.mas.*``): ``floor`` in [0, 1] (1 = uniform samples), ``mix`` in [0, 1] (1 = uniform
-    patterns), ``temperature`` > 0 (large = flatter scores), ``warmup_epochs`` >= 0.
+    Knobs (config ``data.mas.*``): ``floor`` in [0, 1] (1 = uniform samples), ``mix`` in [0, 1] (1 = the
+    policy's patterns), ``temperature`` > 0 (large = flatter scores), ``warmup_epochs`` >= 0.
     """
 
     def __init__(
@@ -268,8 +267,7 @@ class MASSampler(EpochSampler):
         self.epoch = 0
         self.patterns: list[str] = list(policy.patterns)
         self.masks = np.array([pattern_mask(p, policy.modalities) for p in self.patterns], dtype=np.float64)  # (P, M)
-        self.allowed = np.zeros(len(self.patterns))  # (P,) 1 for the patterns the policy can draw
-        self.allowed[policy.support()] = 1.0
+        self.policy_law = np.asarray(policy.law(), dtype=np.float64)  # (P,) the `missing` policy's law
 
     # the law ---------------------------------------------------------------------------------------------
     @property
@@ -295,19 +293,27 @@ class MASSampler(EpochSampler):
         w = s.max(axis=1)
         p = self.floor / n + (1.0 - self.floor) * w / w.sum()
         pattern_score = (s @ self.masks.T) / self.masks.sum(axis=1)  # (N, P): mean of s over the pattern
-        pattern_score = pattern_score * self.allowed  # only the patterns the `missing` policy can draw
-        q = pattern_score / pattern_score.sum(axis=1, keepdims=True)
-        q = (1.0 - self.mix) * q + self.mix * self.allowed / self.allowed.sum()
+        q = pattern_score * self.policy_law  # zero for the patterns the `missing` policy never draws
+        q = q / q.sum(axis=1, keepdims=True)
+        q = (1.0 - self.mix) * q + self.mix * self.policy_law
         return p, q
 
+    def epoch_law(self) -> tuple[np.ndarray, np.ndarray]:
+        """The law the current epoch draws from: :meth:`probabilities` when :attr:`active`, else the policy's
+        (every sample once, patterns from the policy)."""
+        if self.active:
+            return self.probabilities()
+        n = self.num_samples
+        return np.full(n, 1.0 / n), np.broadcast_to(self.policy_law, (n, len(self.patterns)))
+
     def modality_probabilities(self) -> np.ndarray:
-        """(M,) probability that each modality is present in a key drawn from the MAS law."""
-        p, q = self.probabilities()
+        """(M,) probability that each modality is present in a key of the current epoch's draw."""
+        p, q = self.epoch_law()
         return p @ (q @ self.masks)
 
     def fragile_modality_share(self) -> np.ndarray:
-        """(M,) share of keys drawn from the MAS law whose most fragile available modality is m (ties split)."""
-        p, q = self.probabilities()
+        """(M,) share of the current epoch's keys whose most fragile available modality is m (ties split)."""
+        p, q = self.epoch_law()
         s = self.scores()
         within = s[:, None, :] * self.masks[None]  # (N, P, M): scores of the pattern's modalities, 0 elsewhere
         top = within.max(axis=2, keepdims=True)

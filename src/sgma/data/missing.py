@@ -33,9 +33,13 @@ class MissingPolicy:
         """``n`` pattern ids (int64) into ``self.patterns``."""
         raise NotImplementedError
 
+    def law(self) -> np.ndarray:
+        """(P,) probability of each pattern in one draw; the MAS sampler reweights this law (never its zeros)."""
+        raise NotImplementedError
+
     def support(self) -> np.ndarray:
-        """Ids of the patterns this policy can draw; the MAS sampler reweights only within them."""
-        return np.arange(len(self.patterns))
+        """Ids of the patterns this policy can draw."""
+        return np.flatnonzero(self.law() > 0)
 
 
 class UniformPatterns(MissingPolicy):
@@ -52,8 +56,8 @@ class UniformPatterns(MissingPolicy):
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.choices[rng.integers(len(self.choices), size=n)]
 
-    def support(self) -> np.ndarray:
-        return np.unique(self.choices)
+    def law(self) -> np.ndarray:
+        return np.bincount(self.choices, minlength=len(self.patterns)) / len(self.choices)
 
 
 class FixedPattern(MissingPolicy):
@@ -70,8 +74,8 @@ class FixedPattern(MissingPolicy):
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.full(n, self.id, dtype=np.int64)
 
-    def support(self) -> np.ndarray:
-        return np.array([self.id])
+    def law(self) -> np.ndarray:
+        return np.eye(len(self.patterns))[self.id]
 
 
 class FullModalities(FixedPattern):
@@ -113,5 +117,5 @@ class BernoulliDropout(MissingPolicy):
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.choice(len(self.patterns), size=n, p=self.weights)
 
-    def support(self) -> np.ndarray:
-        return np.flatnonzero(self.weights > 0)
+    def law(self) -> np.ndarray:
+        return self.weights
