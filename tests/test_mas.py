@@ -87,6 +87,31 @@ def test_branch_reuses_the_main_pass_and_weights_out_samples_without_the_drawn_m
     assert any(loss == pytest.approx(c, rel=1e-5) for c in candidates), (loss, candidates)
 
 
+def test_branch_batch_norm_sees_only_samples_with_the_drawn_modality(tmp_path):
+    """mas.draw=batch decodes the whole batch; the rows that lack the drawn modality are copies of rows that have
+    it, so the head's BatchNorm batch statistics and running averages come from real features only (they held
+    the fusion of a missing slot's placeholder)."""
+    _, dm, module = _module(tmp_path, "mas.draw=batch")
+    norm = next(m for m in module.net.head.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    norm.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    ids = [dm.patterns.index(p) for p in ("rgb", "rgb", "nir", "dsm", "rgb+dsm")]
+    batch = batch_of(dm, ids)
+    module.train()
+    for step in range(4):  # several draws
+        seen.clear()
+        with torch.no_grad():
+            module.training_step(batch, step)
+        branch = seen[1]  # the main pass, then the MAS branch
+        available = batch["available"]
+        copies = [
+            m
+            for m in range(available.shape[1])
+            if all(any(torch.equal(branch[i], branch[j]) for j in available[:, m].nonzero()[:, 0]) for i in range(5))
+        ]
+        assert copies, "a row that lacks the drawn modality is not a copy of one that has it"
+
+
 def test_branch_off_is_plain_cross_entropy(tmp_path):
     _, dm, module = _module(tmp_path, "mas.branch=false", "mas.lambda_main=1.0")
     counter = CountHead(module)

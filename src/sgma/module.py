@@ -23,6 +23,15 @@ warnings.filterwarnings(
 )
 
 
+def rows_from(keep: Tensor) -> Tensor:
+    """(B,) row indices: each row where ``keep`` is true itself, the others one of those rows in turn (on the
+    device, no host sync). ``keep`` must hold at least one true row."""
+    b = keep.shape[0]
+    position = torch.arange(b, device=keep.device)
+    kept_first = torch.argsort((~keep).to(torch.uint8), stable=True)
+    return torch.where(keep, position, kept_first[position % keep.sum().clamp(min=1)])
+
+
 def draw_categorical(scores: Tensor) -> Tensor:
     """One index per row of ``scores`` (..., M), drawn with probability proportional to the score.
 
@@ -231,8 +240,9 @@ class SegmentationModule(L.LightningModule):
 
         Static shapes: with ``mas_draw=batch`` the whole batch is decoded under the drawn modality, and the
         labels of the samples that lack it are ignored in the loss (instead of cutting those samples out, which
-        needs their count on the host); for cross-entropy that is weight 0. Their slot holds a finite, unused
-        value, so they cost compute but never a NaN.
+        needs their count on the host); for cross-entropy that is weight 0. Those rows are decoded from copies
+        of the rows that have the modality, so the head's BatchNorm (batch statistics, running averages) sees
+        only real features, never the placeholder in a missing slot.
         """
         fragility = self._fragility(None if robustness is None else robustness.detach(), available)
         b, num_modalities = available.shape
@@ -244,6 +254,8 @@ class SegmentationModule(L.LightningModule):
         alone = drawn.unsqueeze(1) == torch.arange(num_modalities, device=drawn.device)  # (B, M) one-hot
         has_drawn = (alone & available).any(dim=1)  # (B,) samples that have their drawn modality
         rows = has_drawn.float()
+        if self.mas_draw == "batch":
+            prepared = [p.index_select(0, rows_from(has_drawn)) for p in prepared]
         logits = self.net.fuse_decode(prepared, alone, out_size, single=True).logits
         if self.mas_draw == "batch":
             loss = loss_on_rows(self.loss, logits, mask, has_drawn, self.ignore_index)
