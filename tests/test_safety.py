@@ -138,6 +138,32 @@ def test_crafted_refused_by_the_notebook(crafted, tmp_path, monkeypatch):
     assert not marker.exists() and not (tmp_path / "PAYLOAD_RAN_zip").exists()
 
 
+@pytest.mark.parametrize("node", ["missing", "model.compile_options"])
+def test_stored_config_naming_other_callables_is_refused(sgma_ckpt, tmp_path, node):
+    """The stored config is plain data (loads weights_only), but eval.py and predict.py build from it: a node naming
+    a callable that no conf/ option builds (here builtins.open, which would create the marker) is refused first."""
+    marker = tmp_path / "TARGET_RAN"
+    ckpt = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)
+    parent = ckpt["sgma"]["config"]
+    *path, last = node.split(".")
+    for key in path:
+        parent = parent[key]
+    parent[last] = {"_target_": "builtins.open", "_args_": [str(marker), "w"]}
+    crafted = tmp_path / "crafted_config.ckpt"
+    torch.save(ckpt, crafted)
+    expected = rf"crafted_config\.ckpt.*sets {node}\._target_='builtins\.open', which no option under conf/ builds"
+    with pytest.raises(UnsafeCheckpointError, match=expected):
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={crafted}"]), tmp_path / "eval"))
+    with pytest.raises(UnsafeCheckpointError, match=expected):
+        load_checkpoint(str(crafted))  # predict.py and the notebook load through it
+    assert not marker.exists()
+    # a torch.optim class the user chose on the command line (not a conf/ option) is accepted
+    ckpt["sgma"]["config"] = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)["sgma"]["config"]
+    ckpt["sgma"]["config"]["optimizer"]["_target_"] = "torch.optim.SGD"
+    torch.save(ckpt, crafted)
+    assert load_checkpoint(str(crafted))["sgma"]["config"]["optimizer"]["_target_"] == "torch.optim.SGD"
+
+
 def test_bad_files_say_what_they_are(sgma_ckpt, tmp_path):
     data = sgma_ckpt.read_bytes()
     with pytest.raises(FileNotFoundError, match=r"ckpt_path='.*missing.ckpt': no such checkpoint file"):

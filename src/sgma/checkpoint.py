@@ -6,6 +6,12 @@ A ``.ckpt`` is a pickle: loaded with ``torch.load(weights_only=False)`` it can r
 tensors, numbers, strings and plain containers are rebuilt, which is all a checkpoint written by sgma's
 ``train.py`` holds, so no allow-list is needed. Anything else is refused, and nothing in the file runs.
 
+The stored run config is data too, but eval.py, predict.py and the notebook build objects from it: each
+``_target_`` of the nodes they build names a callable that Hydra imports and calls. A checkpoint may therefore
+only name what an option of this checkout's config tree (``conf/``) builds, or a ``torch.optim`` optimizer or
+schedule class (:func:`check_stored_targets`); ``builtins.print`` or ``os.system`` is refused before anything is
+built.
+
 A file that cannot be loaded gets an error saying what it actually is: missing, a folder, unreadable,
 truncated, corrupt (a zip member failing its CRC), not a PyTorch checkpoint, or unsafe.
 """
@@ -23,7 +29,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "checkpoint_file", "load_checkpoint_safely"]
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "check_stored_targets",
+    "checkpoint_file",
+    "load_checkpoint_safely",
+]
+
+# the nodes of a stored run config that eval.py, predict.py and the notebook instantiate
+BUILT_NODES = ("dataset", "missing", "augment", "model", "loss", "optimizer", "scheduler")
 
 # pickle opcodes that call something: a bare pickle with one of these but no named global is still refused
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "EXT1", "EXT2", "EXT4"}
@@ -244,13 +259,66 @@ CHECKPOINT_KEY = "sgma"
 
 
 def load_checkpoint(path: str | None) -> dict:
-    """A checkpoint written by sgma's train.py, loaded without running any code in it (``weights_only=True``)."""
+    """A checkpoint written by sgma's train.py, loaded without running any code in it (``weights_only=True``),
+    whose stored config names only callables this checkout builds (:func:`check_stored_targets`)."""
     if path is None:
         raise ValueError("ckpt_path=PATH is required: a checkpoint written by train.py (e.g. checkpoints/last.ckpt)")
     ckpt = load_checkpoint_safely(path, what="ckpt_path")
-    if CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+    stored = ckpt.get(CHECKPOINT_KEY)
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or "state_dict" not in ckpt:
         raise CheckpointError(
             f"checkpoint ckpt_path={str(path)!r} has no stored sgma config; only checkpoints written by this "
             f"project's train.py can be used by eval.py, predict.py and the notebook"
         )
+    check_stored_targets(stored["config"], path=str(path))
     return ckpt
+
+
+def _targets(node: object, where: str) -> list[tuple[str, object]]:
+    """(config key, value) of every ``_target_`` in a plain-container config tree."""
+    if isinstance(node, dict):
+        found = [(f"{where}._target_", node["_target_"])] if "_target_" in node else []
+        for key, value in node.items():
+            found += _targets(value, f"{where}.{key}")
+        return found
+    if isinstance(node, list):
+        return [t for i, value in enumerate(node) for t in _targets(value, f"{where}[{i}]")]
+    return []
+
+
+def config_tree_targets() -> set[str]:
+    """Every ``_target_`` that an option under ``conf/`` names: what this checkout builds from a config."""
+    import yaml
+
+    from sgma.config import CONFIG_DIR
+
+    found: set[str] = set()
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        found.update(str(target) for _, target in _targets(yaml.safe_load(path.read_text()), path.stem))
+    return found
+
+
+def _torch_optim_class(name: str) -> bool:
+    """Whether ``name`` is a ``torch.optim`` optimizer or learning-rate schedule, looked up without importing."""
+    if not name.startswith("torch.optim."):
+        return False
+    obj: object = torch.optim
+    for part in name.removeprefix("torch.optim.").split("."):
+        obj = getattr(obj, part, None)
+    base = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+    return isinstance(obj, type) and issubclass(obj, base)
+
+
+def check_stored_targets(config: dict, *, path: str) -> None:
+    """Refuse a stored run config whose built nodes (:data:`BUILT_NODES`) name a callable that no option of this
+    checkout's ``conf/`` builds (and that is no ``torch.optim`` class): Hydra would import and call it."""
+    allowed = config_tree_targets()
+    for node in BUILT_NODES:
+        for key, target in _targets(config.get(node), node):
+            if not (isinstance(target, str) and (target in allowed or _torch_optim_class(target))):
+                raise UnsafeCheckpointError(
+                    f"checkpoint {path!r}: its stored config sets {key}={target!r}, which no option under "
+                    f"conf/ builds; eval.py, predict.py and the notebook would import and call it, so nothing was "
+                    f"built. A checkpoint written by this checkout's train.py names only what its options build; "
+                    f"if you trust this file and its author's code, add a config option that builds {target!r}"
+                )
