@@ -67,7 +67,7 @@ def test_slurm_launcher_follows_the_trainer():
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 4
     assert launcher["signal_delay_s"] == 300 and launcher["max_num_timeout"] == 10
     assert launcher["submitit_folder"].endswith(".submitit/%j")
-    LauncherCheck().on_multirun_start(cfg)  # consistent: no error
+    LauncherCheck().check(cfg)  # consistent: no error
     # Hydra builds the real launcher from it (submitit itself is only called to submit)
     built = instantiate(cfg.hydra.launcher)
     assert type(built).__name__ == "SlurmLauncher" and built.params["tasks_per_node"] == 4
@@ -86,13 +86,28 @@ def test_slurm_launcher_refuses_bad_values():
     # a launcher that disagrees with the trainer is refused before anything is submitted
     cfg = compose_config("train", [*SLURM, "trainer=ddp", "hydra.launcher.tasks_per_node=2"])
     with pytest.raises(ValueError, match=r"tasks_per_node=2 but trainer.devices=4: .*trainer.devices=2"):
-        LauncherCheck().on_multirun_start(cfg)
+        LauncherCheck().check(cfg)
     cfg = compose_config("train", [*SLURM, "trainer.num_nodes=2", "hydra.launcher.nodes=1"])
     with pytest.raises(ValueError, match=r"nodes=1 but trainer.num_nodes=2"):
-        LauncherCheck().on_multirun_start(cfg)
+        LauncherCheck().check(cfg)
     cfg = compose_config("train", ["hydra/launcher=submitit_local", "trainer=ddp_cpu"])
     with pytest.raises(ValueError, match=r"trainer.devices=2 with hydra/launcher=submitit_local"):
-        LauncherCheck().on_multirun_start(cfg)
+        LauncherCheck().check(cfg)
+
+
+def test_refused_sweeps_stop_before_any_job(tmp_path):
+    """Hydra only warns when a callback raises and launches the jobs anyway: a refusal must stop the command (exit
+    status 1, the message on stderr) before a job starts. Also: a sweep over a value the launcher is sized from."""
+    cases = [
+        (["trainer=ddp_cpu"], r"trainer.devices=2 with hydra/launcher=submitit_local"),
+        (["trainer.devices=1,2"], r"trainer.devices=1,2: hydra/launcher=submitit_local sizes every job .* one sweep"),
+    ]
+    for extra, message in cases:
+        sweep = tmp_path / "sweep"
+        args = ["-m", "hydra/launcher=submitit_local", "debug=tiny", "logger=csv", f"hydra.sweep.dir={sweep}", *extra]
+        run = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 1 and re.search(message, run.stderr), run.stderr[-2000:]
+        assert not (sweep / ".submitit").exists() and not (sweep / "0").exists()
 
 
 def test_the_local_example_file_composes(tmp_path):

@@ -231,3 +231,16 @@ def test_ablation_experiment_sweeps_presets_regimes_and_seeds():
     assert params.model.split(",") == ["baseline", "muss", "sgf_only", "mas_only", "sgma"]
     assert params.missing.split(",") == ["full", "uniform"] and params.seed.split(",") == ["1", "2", "3"]
     assert cfg.hydra.callbacks.sweep_summary._target_ == "sgma.summary.SummariseSweep"
+    assert cfg.hydra.mode.name == "MULTIRUN"  # a sweep without -m too (was: one default job, no summary)
+
+
+def test_summary_callback_failure_stops_the_command(tmp_path):
+    """Hydra turns a callback's exception into a warning (exit status 0): a sweep without any finished job must
+    end in an error, as python -m sgma.summary does."""
+    from sgma.cluster import SweepRefused
+    from sgma.summary import SummariseSweep
+
+    cfg = compose_config("train", ["experiment=ablation", f"hydra.sweep.dir={tmp_path}"])
+    with pytest.raises(SweepRefused, match=str(tmp_path)) as info:
+        SummariseSweep().on_multirun_end(cfg)
+    assert info.value.code.startswith(("FileNotFoundError", "ValueError"))

@@ -186,13 +186,49 @@ def check_shared_run_dir() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- launcher check
+class SweepRefused(SystemExit):
+    """A Hydra callback refusing a sweep. Hydra turns an ``Exception`` raised in a callback into a warning and
+    launches the jobs anyway, so a refusal leaves as ``SystemExit``: the message on stderr, exit status 1."""
+
+
+def refuse_sweep(err: Exception) -> SweepRefused:
+    log.error("%s", err)
+    return SweepRefused(f"{type(err).__name__}: {err}")
+
+
+# what the submitit launchers take their resources from (conf/hydra/launcher/submitit_*.yaml)
+LAUNCHER_KEYS = ("trainer", "trainer.num_nodes", "trainer.devices", "trainer.accelerator", "slurm", "hydra.launcher")
+
+
+def swept_launcher_keys(config: DictConfig) -> list[str]:
+    """The command line's sweeps over a value the launcher is sized from: Hydra resolves the launcher once, from
+    the config before the sweep, so every job would get the same resources whatever its value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return [
+        o.input_line
+        for o in parsed
+        if o.is_sweep_override()
+        and any(o.key_or_group == k or o.key_or_group.startswith(f"{k}.") for k in LAUNCHER_KEYS)
+    ]
+
+
 class LauncherCheck(Callback):
     """Hydra callback: before a sweep goes to a submitit launcher, its resources must agree with the trainer's
     (Lightning's SLURM environment needs ``devices`` tasks on each of ``num_nodes`` nodes; a mismatch would fail
-    in every job, after its wait in the queue). The launcher's own values are resolved here too, so the ``sgma.*``
-    resolvers (:mod:`sgma.config`) refuse a missing partition or a non-numeric device count at once."""
+    in every job, after its wait in the queue), and no value they come from may be swept. The launcher's own
+    values are resolved here too, so the ``sgma.*`` resolvers (:mod:`sgma.config`) refuse a missing partition or
+    a non-numeric device count at once. A refusal stops the sweep before anything is submitted
+    (:class:`SweepRefused`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self.check(config)
+        except Exception as err:
+            raise refuse_sweep(err) from err
+
+    def check(self, config: DictConfig) -> None:
         target = config.hydra.launcher.get("_target_")
         if target not in (SLURM_LAUNCHER, LOCAL_LAUNCHER):
             return
@@ -201,6 +237,13 @@ class LauncherCheck(Callback):
             raise ValueError(
                 f"hydra/launcher={option} sizes its jobs from trainer.devices and trainer.num_nodes, which this "
                 "config has no trainer for: use it with train.py or eval.py"
+            )
+        swept = swept_launcher_keys(config)
+        if swept:
+            raise ValueError(
+                f"{' '.join(swept)}: hydra/launcher={option} sizes every job of a sweep from one value of these "
+                "(the launcher is set up once, before the sweep), so the jobs would not get what they ask for. Run "
+                "one sweep per value instead"
             )
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True)
         devices, nodes = config.trainer.get("devices"), config.trainer.get("num_nodes", 1)
