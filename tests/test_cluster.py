@@ -191,8 +191,11 @@ def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
     last.write_bytes(b"")
     assert resume_checkpoint(None, tmp_path) == str(last)  # the requeued job continues
     assert resume_checkpoint("last", tmp_path) == str(last)
+    # a job started from another run's checkpoint continues from its own after a requeue, not from that one again
+    assert resume_checkpoint("other/run/last.ckpt", tmp_path) == str(last)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert resume_checkpoint(None, tmp_path) is None  # a first attempt never picks up a folder's checkpoint
+    assert resume_checkpoint("other/run/last.ckpt", tmp_path) == "other/run/last.ckpt"
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     assert resume_checkpoint(None, tmp_path) == str(last)  # a submitit job's folder is its own
 

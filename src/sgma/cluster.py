@@ -77,13 +77,18 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
 
     A restarted job runs the same command in the same folder (submitit's job folder, or the ``hydra.run.dir`` of an
     sbatch script), so its ``last.ckpt`` is where it stopped: submitit jobs and jobs with SLURM_RESTART_COUNT >= 1
-    resume from it without being told. Each case is logged.
+    resume from it without being told, also when the command names another ``ckpt_path`` (the one the job first
+    started from; resuming that again would throw away every requeue's progress). Each case is logged.
     """
-    if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
-        return str(ckpt_path)
     last = run_dir / "checkpoints" / LAST
     restart = restarted_job()
     submitit = os.environ.get("SUBMITIT_EXECUTOR")  # a submitit job: its folder is its own, across restarts
+    if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
+        if (restart or submitit) and last.is_file() and last.resolve() != Path(str(ckpt_path)).resolve():
+            why = restart or f"submitit ({submitit}) job restarted"
+            log.info("%s: resuming from its own %s, not ckpt_path=%s (where it first started)", why, last, ckpt_path)
+            return str(last)
+        return str(ckpt_path)
     if ckpt_path is None and restart is None and not submitit:
         return None
     why = "ckpt_path=last" if ckpt_path is not None else (restart or f"submitit ({submitit}) job restarted")
