@@ -123,6 +123,13 @@ def test_resume_extends_the_schedule_and_refuses_another_config(tmp_path, caplog
         train(_cfg(tmp_path / "other", "sgma", f"ckpt_path={last}", "trainer.max_epochs=2"))
     assert "model.fusion: " in str(refused.value) and "mas.branch: False -> True" in str(refused.value)
     assert "data.sampler: 'random' -> 'mas'" in str(refused.value) and "resume_force=true" in str(refused.value)
+    # what the best checkpoint is chosen by, and the optimisation's step and clipping
+    overrides = ["data.val_patterns=[dsm]", "+trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.1"]
+    with pytest.raises(ValueError, match="different config") as refused:
+        train(_cfg(tmp_path / "other", "baseline", f"ckpt_path={last}", "trainer.max_epochs=2", *overrides))
+    for diff in ("data.val_patterns: 'all' -> ['dsm']", "trainer.accumulate_grad_batches: (absent) -> 2"):
+        assert diff in str(refused.value)
+    assert "trainer.gradient_clip_val: None -> 0.1" in str(refused.value)
 
     run = tmp_path / "longer"
     with caplog.at_level("WARNING", logger="sgma"):
@@ -167,6 +174,18 @@ def test_nothing_to_train_is_an_error(cfg_train):
         ({"mas.loss_momentum": 5}, r"mas\.loss_momentum=5 must be in \(0, 1\]"),
         ({"model.dropout": 1.5}, r"model\.dropout=1\.5 must be in \[0, 1\)"),
         ({"augment.rotate90": "no"}, r"augment\.rotate90='no' must be true or false"),
+        ({"mas.branch": "off"}, r"mas\.branch='off' must be true or false"),
+        ({"model.shared_encoder": "no"}, r"model\.shared_encoder='no' must be true or false"),
+        ({"model.channels_last": "no"}, r"model\.channels_last='no' must be true or false"),
+        ({"model.compile": 1}, r"model\.compile must be false, true or train, got 1"),
+        ({"backbone.pretrained": 1}, r"backbone\.pretrained=1 must be true, false or the path of a weights file"),
+        ({"model.decoder_channels": 0}, r"model\.decoder_channels=0 must be a whole number >= 1"),
+        ({"model.decoder_channels": -1}, r"model\.decoder_channels=-1 must be a whole number >= 1"),
+        (
+            {"model.fusion": "sgf", "model.fusion_options.sgf.embed_dim": 0},
+            r"model\.fusion_options\.sgf\.embed_dim=0 must be a whole number >= 1",
+        ),
+        ({"loss.ignore_index": 0}, r"loss\.ignore_index=0: the ignore index is the dataset's, 255 \(IGNORE_INDEX\)"),
         ({"data.sampler": "mas", "data.mas.floor": 2}, r"data\.mas\.floor must be in \[0, 1\]"),
         ({"dataset.splits.train.num_samples": 0}, r"dataset\.splits\.train\.num_samples must be >= 1, got 0"),
         (

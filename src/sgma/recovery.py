@@ -472,6 +472,12 @@ RESUME_KEYS = (
     "data.batch_size",
     "data.sampler",
     "data.mas",
+    "data.val_patterns",  # with the monitor: what "best checkpoint" compares across the resume
+    "callbacks.model_checkpoint.monitor",
+    "callbacks.model_checkpoint.mode",
+    "trainer.accumulate_grad_batches",  # the steps per epoch, hence the schedule's length
+    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
 )
 # leaves that only say where things are or how they are shown: moving the data is fine
 RESUME_IGNORED_LEAVES = ("root", "cache_dir", "progress", "num_workers")
