@@ -265,3 +265,16 @@ def test_unwritable_output_dir_fails_before_inference(shared_dir, tmp_path):
     args = [f"ckpt_path={tmp_path / 'none.ckpt'}", f"input={tmp_path}", f"output_dir={blocker / 'out'}"]
     with pytest.raises(OSError, match=r"output_dir=.*a_file/out.* cannot be created"):
         predict(bind_to(compose_config("predict", args), tmp_path))
+
+
+def test_checkpoint_of_another_version_is_named_in_rebuild_errors(sgma_ckpt, tmp_path):
+    """A stored config with a key this version's model does not take: the error names the file and both versions."""
+    ckpt = torch.load(sgma_ckpt, map_location="cpu", weights_only=True)
+    ckpt["sgma"]["config"]["model"]["future_knob"] = 1
+    ckpt["sgma"]["version"] = "9.9.0"
+    path = tmp_path / "future.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(TypeError, match="future_knob") as info:
+        evaluate(bind_to(compose_config("eval", [f"ckpt_path={path}"]), tmp_path / "eval"))
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert f"checkpoint '{path}', written by sgma 9.9.0; this is sgma" in notes

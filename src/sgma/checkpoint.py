@@ -18,6 +18,7 @@ truncated, corrupt (a zip member failing its CRC), not a PyTorch checkpoint, or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import pickletools
@@ -25,6 +26,7 @@ import re
 import stat
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -272,6 +274,27 @@ def load_checkpoint(path: str | None) -> dict:
         )
     check_stored_targets(stored["config"], path=str(path))
     return ckpt
+
+
+@contextlib.contextmanager
+def rebuilding_from(ckpt: dict, path: str) -> Iterator[None]:
+    """Name the checkpoint, and the sgma version that wrote it when that is not this one, in an error raised while
+    building the data and model from its stored config or loading its weights (an unknown key, a missing weight)."""
+    try:
+        yield
+    except Exception as err:
+        import sgma
+        from sgma.utils import add_note
+
+        written = ckpt.get(CHECKPOINT_KEY, {}).get("version")
+        note = f"(while rebuilding the run stored in checkpoint {path!r}"
+        if written != sgma.__version__:
+            note += (
+                f", written by sgma {written or '(unknown version)'}; this is sgma {sgma.__version__}: use the "
+                "version that trained it"
+            )
+        add_note(err, note + ")")
+        raise
 
 
 def _targets(node: object, where: str) -> list[tuple[str, object]]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sgma.builders import build_datamodule, build_module, device_for
-from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint
+from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint, rebuilding_from
 from sgma.data.preprocess import TRANSFORMS, apply_input_transform
 from sgma.data.sharding import distributed_rank_and_size
 from sgma.data.tiles import check_crop_size, grid_starts
@@ -1073,14 +1073,15 @@ def predict(cfg: Any) -> dict[str, Any]:
     stems = list(scenes)
     first = _read_scene(scenes[stems[0]], present, transforms)  # the first scene's values fail before the model
 
-    if facts:
-        net = instantiate(run_cfg.model, modalities=modalities, num_classes=num_classes)
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net.load_state_dict(state)
-    else:
-        module = build_module(run_cfg, dm)
-        module.load_state_dict(ckpt["state_dict"])
-        net = module.net
+    with rebuilding_from(ckpt, str(cfg.ckpt_path)):
+        if facts:
+            net = instantiate(run_cfg.model, modalities=modalities, num_classes=num_classes)
+            state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+            net.load_state_dict(state)
+        else:
+            module = build_module(run_cfg, dm)
+            module.load_state_dict(ckpt["state_dict"])
+            net = module.net
     del ckpt
     net = net.to(device_for(cfg.trainer.accelerator)).eval()
     run = {

@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import sgma
 from sgma.builders import build_datamodule, build_module
 from sgma.callbacks import RobustnessFeedback
-from sgma.checkpoint import CHECKPOINT_KEY, checkpoint_file, load_checkpoint, load_checkpoint_safely
+from sgma.checkpoint import (
+    CHECKPOINT_KEY,
+    checkpoint_file,
+    load_checkpoint,
+    load_checkpoint_safely,
+    rebuilding_from,
+)
 from sgma.cluster import RESUME_LAST, check_shared_run_dir, lightning_plugins, resume_checkpoint
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.figures import MetricHistory, write_plots
@@ -502,7 +508,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.get("missing_probs") is not None:
             run_cfg.eval.missing_probs = cfg.missing_probs
     L.seed_everything(run_cfg.seed, workers=True)
-    dm = build_datamodule(run_cfg, trainer=cfg.trainer)  # loaders sized for this evaluation's device
+    with rebuilding_from(ckpt, str(cfg.ckpt_path)):
+        dm = build_datamodule(run_cfg, trainer=cfg.trainer)  # loaders sized for this evaluation's device
     facts = ckpt[CHECKPOINT_KEY].get("dataset")
     check_facts_match(facts, dm, ckpt_path=str(cfg.ckpt_path), dataset=str(run_cfg.dataset.get("name", "?")))
     if facts:  # other data (a new area, another root) is scaled with the statistics the model was trained with
@@ -517,8 +524,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "; ".join(f"{n}: mean {own[n][0]} std {own[n][1]} vs {trained[n][0]} {trained[n][1]}" for n in differ),
             )
         dm.normalise_with(trained)
-    module = build_module(run_cfg, dm)
-    module.load_state_dict(ckpt["state_dict"])
+    with rebuilding_from(ckpt, str(cfg.ckpt_path)):
+        module = build_module(run_cfg, dm)
+        module.load_state_dict(ckpt["state_dict"])
     split = cfg.split
     patterns = dm.eval_patterns(split, cfg.get("patterns"))
     if len(patterns) < len(dm.patterns) and run_cfg.eval.missing_probs:
