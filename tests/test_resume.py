@@ -29,15 +29,20 @@ from sgma.tasks import train
 
 
 class SignalAt(L.Callback):
-    """Sends ``signum`` to this very process at the end of training step ``step`` (``times`` times)."""
+    """Sends ``signum`` to this very process at the end of training step ``step`` (``times`` times), or when the
+    test starts (``step="test"``)."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGINT), times: int = 1) -> None:
+    def __init__(self, step: int | str, signum: int = int(signal.SIGINT), times: int = 1) -> None:
         self.step, self.signum, self.times = step, signum, times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if self.step == "test":
+            os.kill(os.getpid(), self.signum)
 
 
 def _cfg(run: Path, model: str, *overrides: str, signal_at: dict | None = None):
@@ -105,6 +110,22 @@ def test_interrupted_run_resumes_exactly(tmp_path, model, epochs, step, signum):
             for p in (tmp_path / run / "wandb").glob("offline-run-*")
         ]
         assert len(ids) == 2 and ids[0] == ids[1], ids
+
+
+def test_signal_outside_training_stops_with_its_exit_status(tmp_path):
+    """SIGUSR1 (the time-limit warning) while testing: stopped at once, naming the current last.ckpt, exit 138 and
+    a requeue as during training (Python's default action ended the process without a word). With checkpointing off,
+    SIGTERM during training stops at once too, saving nothing (Lightning exited 0)."""
+    stopped = _interrupt(_cfg(tmp_path / "a", "baseline", signal_at={"step": "test", "signum": int(signal.SIGUSR1)}))
+    last = (tmp_path / "a" / "checkpoints" / "last.ckpt").resolve()
+    assert stopped.exit_code == 138 and stopped.checkpoint == last and f"ckpt_path={last}" in str(stopped)
+    assert not (tmp_path / "a" / "patterns.csv").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+
+    off = ["+trainer.enable_checkpointing=false", "~callbacks.model_checkpoint"]
+    stopped = _interrupt(_cfg(tmp_path / "b", "baseline", *off, signal_at={"step": 1, "signum": int(signal.SIGTERM)}))
+    assert stopped.exit_code == 143 and stopped.checkpoint is None and "no checkpoint to resume from" in str(stopped)
+    assert not (tmp_path / "b" / "checkpoints").exists()
 
 
 def test_second_signal_aborts_without_saving(tmp_path):

@@ -146,6 +146,35 @@ def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "a signal (received by another rank)"
 
 
+@contextlib.contextmanager
+def stop_on_signal(checkpoint_dir: Path) -> Iterator[None]:
+    """Outside ``trainer.fit`` (setup, test, plots), SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 stops the task at once with
+    :class:`TrainingInterrupted`, naming ``checkpoint_dir/last.ckpt`` when there is one: nothing is being trained,
+    so nothing is lost, and the exit status (128 + the signal) and a time-limit requeue follow as for a stop during
+    training (SIGUSR1 was fatal without a word: Python's default action). During ``fit``,
+    :meth:`CheckpointOnSignal.handling_signals` takes over; with checkpointing off, these handlers stay and stop
+    training at once, saving nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a forked DataLoader worker: the main process decides
+            return
+        last = checkpoint_dir / LAST
+        saved = last.resolve() if last.is_file() else None
+        resume = f"resume with ckpt_path={saved} (same config)" if saved else "no checkpoint to resume from"
+        raise TrainingInterrupted(f"stopped by {_signal_name(signum)}; {resume}", signum=signum, checkpoint=saved)
+
+    previous = {s: signal.signal(s, handle) for s in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class CheckpointOnSignal(Checkpoint):
     """On SIGINT, SIGTERM, SIGUSR1 or SIGUSR2, save ``last.ckpt`` at the next consistent point of training and stop.
 

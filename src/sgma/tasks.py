@@ -6,6 +6,7 @@ place (:mod:`sgma.builders`) so a checkpoint's stored config rebuilds exactly th
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -40,7 +41,7 @@ from sgma.metrics import PatternReport
 from sgma.module import SegmentationModule
 from sgma.optim import WarmupPolyLR
 from sgma.panels import collect_panels, panel_indices, panel_patterns
-from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume
+from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume, stop_on_signal
 from sgma.reporting import print_table, write_report
 from sgma.utils import add_note, callbacks_and_loggers, instantiate, task_wrapper
 from sgma.wandb_media import log_evaluation, wandb_logger_node
@@ -340,8 +341,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     :mod:`sgma.recovery`); a config that trains something else is refused unless ``resume_force=true``.
     ``ckpt_path=last``, and a job that SLURM or submitit restarted, resume from this run folder's ``last.ckpt``
     (:func:`sgma.cluster.resume_checkpoint`). SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 saves ``checkpoints/last.ckpt``
-    and raises :class:`~sgma.recovery.TrainingInterrupted`.
+    and raises :class:`~sgma.recovery.TrainingInterrupted`; outside training (setup, test, plots) such a signal
+    raises it at once (:func:`~sgma.recovery.stop_on_signal`).
     """
+    with stop_on_signal(Path(cfg.paths.output_dir) / "checkpoints"):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     _check_train_settings(cfg)
     warn_inactive_overrides(cfg)
     check_shared_run_dir()
@@ -369,7 +376,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks.append(history)
     callbacks.append(ResumeState())
     interrupt = CheckpointOnSignal(out_dir / "checkpoints")
-    if cfg.trainer.get("enable_checkpointing", True):  # Lightning refuses Checkpoint callbacks otherwise
+    checkpointing = cfg.trainer.get("enable_checkpointing", True)
+    if checkpointing:  # Lightning refuses Checkpoint callbacks otherwise; without it stop_on_signal stops at once
         callbacks.append(interrupt)
     # every checkpoint is written atomically, whatever the trainer config; under srun, Lightning's SLURM environment
     # without its auto-requeue (CheckpointOnSignal saves at a consistent point; sgma.cluster)
@@ -381,7 +389,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run_title = f"{cfg.dataset.name}, {cfg.backbone.name}, fusion={cfg.model.fusion}"
     metrics: dict[str, Any] = {}
     if fit:
-        with interrupt.handling_signals():
+        with interrupt.handling_signals() if checkpointing else contextlib.nullcontext():
             trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
         interrupt.raise_if_stopped()  # a signal stopped training at an epoch end: no test
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
