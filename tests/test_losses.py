@@ -72,6 +72,27 @@ def test_ohem_without_labelled_pixels_is_zero_not_nan():
     assert float(loss.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+@pytest.mark.parametrize("loss", [CrossEntropy, CrossEntropyDice, OhemCrossEntropy], ids=lambda c: c.__name__)
+def test_every_loss_without_labelled_pixels_is_zero_with_a_gradient_graph(loss):
+    """A batch whose labels are all ignored gives 0 (CE's and CE + Dice's mean over nothing was NaN, which the
+    training loss's finiteness check reports as "lower optimizer.lr"), with a graph that backward runs through."""
+    fn = loss(ignore_index=IGNORE)
+    logits, mask = _case(0)
+    mask[:] = IGNORE
+    value = fn(logits, mask)
+    (grad,) = torch.autograd.grad(value, logits)
+    assert float(value.detach()) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    rows = torch.tensor([True, False])  # the MAS branch's kept row has no label either
+    assert float(loss_on_rows(fn, logits, mask, rows, IGNORE).detach()) == 0.0
+
+
+def test_cross_entropy_with_labels_is_torchs_mean():
+    logits, mask = _case(5, ignored=0.4)
+    ours, ref = CrossEntropy(ignore_index=IGNORE)(logits, mask), F.cross_entropy(logits, mask, ignore_index=IGNORE)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])
+
+
 def test_bad_knobs_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"loss.thresh .* got 1.5; DELIVER uses 0.7"):
         OhemCrossEntropy(ignore_index=IGNORE, thresh=1.5)
@@ -152,6 +173,29 @@ def test_every_loss_option_composes_and_trains_a_step_with_the_mas_branch(option
     assert torch.isfinite(loss) and float(loss.detach()) > 0
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("option", LOSS_OPTIONS)
+def test_a_training_step_without_labelled_pixels_is_zero_not_nan(option, tmp_path):
+    """With the MAS branch on, a batch whose labels are all ignored trains nothing and keeps the loss finite, so the
+    finiteness guard does not stop the run with a misleading "lower optimizer.lr"."""
+    _, dm, module = _module(tmp_path, "model=sgma", f"loss={option}")
+    module.train()
+    batch = module.on_before_batch_transfer(batch_of(dm, [6, 0, 3, 1]), 0)
+    batch["mask"][:] = IGNORE
+    loss = module.training_step(batch, 0)["loss"]
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    module._check_finite()  # the guard's flag stayed clear
+
+
+def test_the_loss_partial_cannot_set_its_own_ignore_index(tmp_path):
+    """The module's ignore index (the datasets' 255, which metrics and the MAS branch use) overrode the partial's
+    silently: the config showed loss.ignore_index=0 while the loss ignored 255."""
+    with pytest.raises(ValueError, match=r"loss\.ignore_index=0: the ignore index is the dataset's, 255"):
+        _module(tmp_path, "+loss.ignore_index=0")
+    assert _module(tmp_path, "+loss.ignore_index=255")[2].loss.ignore_index == IGNORE  # the same value is harmless
 
 
 def test_a_stored_config_without_loss_rebuilds_cross_entropy(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -159,6 +161,42 @@ def test_fusion_option_errors_name_the_key():
         build_fusion("sgf", **sizes, sgff={"num_heads": 2})
     with pytest.raises(ValueError, match=r"model\.fusion_options\.sgf=3: expected a mapping"):
         build_fusion("sgf", **sizes, sgf=3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [  # bool("no") is True: these kept the encoder shared, turned channels-last on, or meant random init
+        ({"shared_encoder": "no"}, "model.shared_encoder='no' must be true or false"),
+        ({"channels_last": "no"}, "model.channels_last='no' must be true or false"),
+        ({"channels_last": 1}, "model.channels_last=1 must be true or false"),
+        ({"compile": 1}, "model.compile must be false, true or train, got 1"),
+        ({"pretrained": 0}, "backbone.pretrained=0 must be true, false or the path of a weights file"),
+        ({"dropout": "0.1"}, "model.dropout='0.1' must be in [0, 1)"),
+        ({"decoder_channels": 0}, "model.decoder_channels=0 must be a whole number >= 1"),  # used to build
+        ({"decoder_channels": -1}, "model.decoder_channels=-1 must be a whole number >= 1"),  # "negative dimension"
+    ],
+)
+def test_segmentor_options_refuse_other_values_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MultiModalSegmentor(modalities=MODS, num_classes=6, backbone="mit_b0", **{"decoder_channels": 32, **options})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"embed_dim": 0}, "sgf.embed_dim=0 must be a whole number >= 1"),  # used to be a ZeroDivisionError
+        ({"embed_dim": -4}, "sgf.embed_dim=-4 must be a whole number >= 1"),  # "negative dimension"
+        ({"embed_dim": 2.5}, "sgf.embed_dim=2.5 must be a whole number >= 1"),
+        ({"num_heads": 0}, "sgf.num_heads=0 must be a whole number >= 1 (embed_dim=32 must be divisible by"),
+        ({"num_heads": "2"}, "sgf.num_heads='2' must be a whole number >= 1"),  # a TypeError of '<'
+        ({"kernel_sizes": []}, "sgf.kernel_sizes=[] must be a list of odd whole numbers >= 1"),  # failed in forward
+        ({"kernel_sizes": [4]}, "sgf.kernel_sizes=[4] must be a list of odd whole numbers >= 1"),
+        ({"norm_groups": 0}, "sgf.norm_groups=0 must be a whole number >= 1"),  # read as gcd(0, C) = C groups
+    ],
+)
+def test_sgf_sizes_refuse_non_positive_values_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_fusion("sgf", in_channels=[32], num_modalities=3, num_classes=6, sgf=options)
 
 
 def test_flat_fusion_options_of_old_checkpoints(caplog):

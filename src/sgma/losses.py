@@ -2,6 +2,8 @@
 
 Every loss takes the module's ``ignore_index`` (the module builds it from the config's partial, so the two
 cannot disagree) and reads no tensor value on the host: a training step is queued without waiting for the GPU.
+A batch without labelled pixels gives 0 (a zero that depends on the logits, so backward runs and adds nothing), not the
+NaN of a mean over nothing, which the training loss's finiteness check would report as divergence.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ class CrossEntropy(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
-        return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
+        # F.cross_entropy's mean, except with no labelled pixel: its sum is then an exact 0 and the clamped count 1
+        total = F.cross_entropy(logits, mask, ignore_index=self.ignore_index, reduction="sum")
+        return total / (mask != self.ignore_index).sum().clamp(min=1)
 
 
 class OhemCrossEntropy(nn.Module):
@@ -76,7 +80,8 @@ class OhemCrossEntropy(nn.Module):
 class CrossEntropyDice(nn.Module):
     """``ce_weight * CE + dice_weight * Dice``, with segmentation-models-pytorch's multiclass ``DiceLoss``
     (soft Dice of the softmax per class over the whole batch, 1 - Dice averaged over the classes; classes
-    absent from the batch's labels count 0). Dice counters class imbalance, CE keeps per-pixel calibration."""
+    absent from the batch's labels count 0, so a batch without labels gives 0). Dice counters class imbalance, CE keeps
+    per-pixel calibration."""
 
     def __init__(self, *, ignore_index: int, ce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
         super().__init__()
@@ -103,7 +108,5 @@ class CrossEntropyDice(nn.Module):
 def loss_on_rows(loss: nn.Module, logits: Tensor, mask: Tensor, rows: Tensor, ignore_index: int) -> Tensor:
     """``loss`` over the samples where ``rows`` (B,) is true: the others' labels become ``ignore_index`` (static
     shapes, no host read). For cross-entropy this is the per-pixel loss weighted by ``rows``. With no labelled
-    pixel left the result is 0 (cross-entropy's mean over nothing would be NaN), and so is its gradient."""
-    target = torch.where(rows.view(-1, 1, 1), mask, ignore_index)
-    value = loss(logits, target)
-    return torch.where((target != ignore_index).any(), value, torch.zeros_like(value))
+    pixel left the result is 0, as every loss here gives for a batch without labels, and so is its gradient."""
+    return loss(logits, torch.where(rows.view(-1, 1, 1), mask, ignore_index))

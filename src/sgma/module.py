@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MaxMetric
 
+from sgma.checks import check_flag
 from sgma.losses import loss_on_rows
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
 from sgma.models.segmentor import MultiModalSegmentor
@@ -113,6 +114,15 @@ class SegmentationModule(L.LightningModule):
             raise TypeError(
                 f"loss must build a loss from ignore_index (a conf/loss option such as loss=ce), got {loss!r}"
             )
+        # a partial's own ignore_index would be overridden by the module's below, while the config showed it
+        own = (getattr(loss, "keywords", None) or {}).get("ignore_index", ignore_index)
+        if own != ignore_index:
+            raise ValueError(
+                f"loss.ignore_index={own!r}: the ignore index is the dataset's, {ignore_index} (IGNORE_INDEX), not a "
+                f"loss option: every dataset writes its unlabelled pixels as {ignore_index} (a folder dataset maps the "
+                f"label value named by ignore_index in its dataset.yaml to it), and the metrics and the MAS branch "
+                f"ignore the same; drop the loss.ignore_index override"
+            )
         self.loss = loss(ignore_index=ignore_index)  # (B, C, H, W) logits, (B, H, W) mask -> scalar
         self.confusion = torch.nn.ModuleDict(  # one per Lightning loop
             {
@@ -127,10 +137,13 @@ class SegmentationModule(L.LightningModule):
         self.val_best = MaxMetric()
         self.reports: dict[str, PatternReport] = {}
         self.test_split = "test"  # eval.py runs the test loop on any split and names the metrics after it
+        check_flag("mas.branch", mas_branch)
         for key, value in (("mas.lambda_main", lambda_main), ("mas.lambda_mas", lambda_mas)):
-            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):  # < 0 ascends that loss
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and value >= 0 and math.isfinite(value)):  # < 0 ascends that loss
                 raise ValueError(f"{key}={value!r} must be a number >= 0 (the paper: lambda_main 2, lambda_mas 1)")
-        if not (isinstance(mas_loss_momentum, int | float) and 0 < mas_loss_momentum <= 1):
+        momentum = isinstance(mas_loss_momentum, int | float) and not isinstance(mas_loss_momentum, bool)
+        if not (momentum and 0 < mas_loss_momentum <= 1):
             raise ValueError(
                 f"mas.loss_momentum={mas_loss_momentum!r} must be in (0, 1] (an EMA's weight of the new value)"
             )

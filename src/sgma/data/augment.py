@@ -29,6 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from sgma.checks import check_flag
 from sgma.metrics import IGNORE_INDEX
 from sgma.modalities import Modality
 
@@ -95,9 +96,7 @@ class Augment:
         self.scale = scale
         self.hflip = _check_probability("hflip", hflip)
         self.vflip = _check_probability("vflip", vflip)
-        if not isinstance(rotate90, bool):  # bool("no") is True
-            raise ValueError(f"augment.rotate90={rotate90!r} must be true or false")
-        self.rotate90 = rotate90
+        self.rotate90 = check_flag("augment.rotate90", rotate90)
         jitter = dict(jitter or {})
         unknown = set(jitter) - {"p", "brightness", "contrast", "saturation", "hue"}
         if unknown:

@@ -49,6 +49,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from sgma.checks import check_flag
 from sgma.data.discovery import SKIPPED_DIRS, FileIndex, sample
 from sgma.data.tiles import (
     CachedCropDataset,
@@ -335,8 +336,7 @@ class Deliver(CachedCropDataset):
         self.conditions = self._conditions(conditions)
         self.resize = self._resize_option(resize)
         self.max_out_of_range = self._share_option(max_out_of_range)
-        if not isinstance(cache, bool):
-            raise ValueError(f"dataset.builder.cache={cache!r} must be true or false")
+        check_flag("dataset.builder.cache", cache)
         if root is None or str(root) in ("", "???"):
             raise _missing_data("no data folder given: set dataset.builder.root=/path/to/DELIVER")
         self.root = Path(root).expanduser()

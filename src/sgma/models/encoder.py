@@ -44,6 +44,8 @@ def build_encoder(name: str, *, pretrained: bool | str | Path = False) -> nn.Mod
     path to a local weights file (a state dict of this encoder, optionally with an ``encoder.`` prefix
     as in a full smp model checkpoint)."""
     validate_backbone_name(name)
+    if not isinstance(pretrained, bool | str | Path):  # 1 or 0 would silently mean random init
+        raise ValueError(f"backbone.pretrained={pretrained!r} must be true, false or the path of a weights file")
     # tu- encoders take a bool, smp's own encoders the name of a weight set
     weights = (name.startswith("tu-") or "imagenet") if pretrained is True else None
     try:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import Tensor, nn
 
+from sgma.checks import check_count
+
 
 @torch.library.custom_op("sgma::resize_bilinear", mutates_args=())
 def _resize_bilinear_op(x: Tensor, height: int, width: int) -> Tensor:
@@ -72,12 +74,12 @@ class SegFormerHead(nn.Module):
     ) -> None:
         super().__init__()
         assert len(in_channels) == 4, f"SegFormer head needs 4 scales, got {list(in_channels)}"
-        self.channels = channels
+        self.channels = check_count("model.decoder_channels", channels, " (the SegFormer head's width, e.g. 256)")
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout={dropout!r} must be in [0, 1) (the share of decoder channels dropped)")
         self.decoder = SegformerDecoder(
             encoder_channels=[0, 0, *in_channels], encoder_depth=5, segmentation_channels=channels
         )
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout={dropout!r} must be in [0, 1) (the share of decoder channels dropped)")
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sgma.checks import check_flag
 from sgma.modalities import Modality
 from sgma.models import build_fusion
 from sgma.models.encoder import MultiModalEncoder, packing_index
@@ -65,6 +66,11 @@ class MultiModalSegmentor(nn.Module):
         pack_multiple: int | None = None,
     ) -> None:
         super().__init__()
+        # checked before the encoder is built (a download, or seconds of set-up)
+        shared_encoder = check_flag("model.shared_encoder", shared_encoder)
+        self.channels_last = check_flag("model.channels_last", channels_last)
+        if not (isinstance(compile, bool) or compile == "train"):  # 1 or 0 would pass as true or false
+            raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
         self.modalities = tuple(modalities)
         self.num_classes = num_classes
         self.encoder = MultiModalEncoder(
@@ -87,14 +93,11 @@ class MultiModalSegmentor(nn.Module):
             channels=decoder_channels,
             dropout=dropout,
         )
-        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
             for fusion in self.fusion:
                 fusion.channels_last = True
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"model.compile must be false, true or train, got {compile!r}")
         self.compile_mode = COMPILE_MODES[compile]
         if pack_multiple is not None and (type(pack_multiple) is not int or pack_multiple < 1):
             raise ValueError(

@@ -64,12 +64,14 @@ naive per-pixel, per-modality reference in ``tests/test_sgf.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sgma.checks import check_count
 from sgma.models.fusion import Fusion, FusionOutput, zero_missing
 
 ClassAverage = Literal["uniform", "weighted"]
@@ -440,12 +442,22 @@ class SemanticGuidedFusion(Fusion):
         norm_groups: int = 8,
     ) -> None:
         super().__init__(in_channels=in_channels, num_modalities=num_modalities, num_classes=num_classes)
-        embed_dim = min(in_channels, DEFAULT_MAX_EMBED_DIM) if embed_dim is None else embed_dim
-        if num_heads < 1 or embed_dim % num_heads != 0:
+        key = "model.fusion_options.sgf"
+        if embed_dim is None:
+            embed_dim = min(in_channels, DEFAULT_MAX_EMBED_DIM)
+        check_count(f"{key}.embed_dim", embed_dim, " (null: each scale's encoder channels, capped at 512)")
+        check_count(f"{key}.num_heads", num_heads, f" (embed_dim={embed_dim} must be divisible by num_heads)")
+        if embed_dim % num_heads != 0:  # each head attends over embed_dim / num_heads channels
             raise ValueError(
                 f"SGF: embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
-                f"(set model.fusion_options.sgf.num_heads to a divisor of {embed_dim})"
+                f"(set {key}.num_heads to a divisor of {embed_dim})"
             )
+        sizes = tuple(kernel_sizes) if isinstance(kernel_sizes, Sequence) and not isinstance(kernel_sizes, str) else ()
+        if not sizes or any(type(k) is not int or k < 1 or k % 2 == 0 for k in sizes):  # odd: "same" padding
+            raise ValueError(
+                f"{key}.kernel_sizes={kernel_sizes!r} must be a list of odd whole numbers >= 1, e.g. [11, 7, 3]"
+            )
+        check_count(f"{key}.norm_groups", norm_groups)
         if class_average not in ("uniform", "weighted"):
             raise ValueError(f"SGF: class_average must be 'uniform' or 'weighted', got {class_average!r}")
         self.embed_dim = embed_dim
@@ -456,7 +468,7 @@ class SemanticGuidedFusion(Fusion):
             num_modalities=num_modalities,
             in_channels=in_channels,
             embed_dim=embed_dim,
-            kernel_sizes=tuple(kernel_sizes),
+            kernel_sizes=sizes,
             norm_groups=norm_groups,
         )
         self.semantic_filter = SemanticFilter(embed_dim=embed_dim, num_classes=num_classes)
