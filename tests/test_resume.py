@@ -103,13 +103,11 @@ def test_interrupted_run_resumes_exactly(tmp_path, model, epochs, step, signum):
         for key, value in memory["a"].items():
             assert torch.equal(value, memory["b"][key]) if torch.is_tensor(value) else value == memory["b"][key], key
         assert not full["datamodule"].train_sampler.memory.is_uniform()
-    else:  # the resumed run continues the interrupted W&B run
-        ids = [
-            p.name.rsplit("-", 1)[1]
-            for run in ("cut", "resumed")
-            for p in (tmp_path / run / "wandb").glob("offline-run-*")
-        ]
-        assert len(ids) == 2 and ids[0] == ids[1], ids
+    else:  # offline, the resumed run follows the interrupted W&B run: its own id, derived from that one
+        (cut_run,) = (tmp_path / "cut" / "wandb").glob("offline-run-*")
+        (resumed_run,) = (tmp_path / "resumed" / "wandb").glob("offline-run-*")
+        cut_id = cut_run.name.split("-", 3)[3]
+        assert resumed_run.name.split("-", 3)[3].startswith(f"{cut_id}-resume1-")
 
 
 def test_signal_outside_training_stops_with_its_exit_status(tmp_path):
@@ -254,6 +252,18 @@ def test_overrides_the_run_ignores_are_warned(tmp_path, caplog):
         )
     assert [r.getMessage() for r in caplog.records] == [
         "eval.window=256 has no effect in this run: it applies to eval.full_tile=true only"
+    ]
+    caplog.clear()
+    # mas_only's sampler memory stays uniform (mean fusion has no robustness maps); another fusion's options
+    other = ["model=mas_only", "data.mas.floor=0.9", "model.fusion_options.sgf.num_heads=4"]
+    with caplog.at_level("WARNING", logger="sgma"):
+        warn_inactive_overrides(bind_to(compose_config("train", ["debug=tiny", *other]), tmp_path))
+        warn_inactive_overrides(bind_to(compose_config("train", ["debug=tiny", "model=sgma", *other[1:]]), tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.mas.floor=0.9 has no effect in this run: the MAS sampler's memory is fed by SGF's robustness maps, "
+        "which this fusion has not (it stays uniform)",
+        "model.fusion_options.sgf.num_heads=4 has no effect in this run: only the options of the fusion in use "
+        "(model.fusion) reach the model",
     ]
     GlobalHydra.instance().clear()
 

@@ -168,6 +168,14 @@ def test_eval_settings_say_what_they_change(sgma_ckpt, tmp_path, caplog):
     )
 
 
+def test_train_with_a_test_pattern_subset_says_why_there_are_no_expected_miou_rows(tmp_path, caplog):
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "data.test_patterns=[rgb,dsm]"]), tmp_path)
+    with caplog.at_level("WARNING", logger="sgma"):
+        train(cfg)
+    assert "they need every pattern, and data.test_patterns scores 2 of 7" in caplog.text
+    assert set(json.loads((tmp_path / "patterns.json").read_text())["summaries"]) == {"avg", "top1", "last1"}
+
+
 def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     return subprocess.run(

@@ -1,7 +1,7 @@
 """W&B media of real offline runs: a tiny training run, eval.py's and predict.py's runs, names, groups, artifacts.
 
 The offline run folder is read as W&B wrote it: media files under ``files/media``, and the run's transaction log
-(``run-<id>.wandb``: LevelDB-log framed protobuf records) for the run's name, group and artifacts.
+(``run-<id>.wandb``: LevelDB-log framed protobuf records) for the run's name, group, config, history and artifacts.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
 import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -24,9 +26,21 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from conftest import bind_to, compose_config
+from sgma.config import WANDB_SETTING_MAX
 from sgma.inference import predict
 from sgma.tasks import evaluate, train
-from sgma.wandb_media import MAS_PLOTS, WandbLogger, WandbMedia, log_evaluation, training_run_name, wandb_run
+from sgma.wandb_media import (
+    MAS_PLOTS,
+    WandbLogger,
+    WandbMedia,
+    log_evaluation,
+    resume_options,
+    training_run_name,
+    wandb_run,
+)
+
+# the name of the `trained` run below: its task overrides that make a setting follow preset, backbone, ...
+TRAINED = "sgma-mit_b0-synthetic-uniform-debug=tiny,trainer.max_epochs=2"
 
 BLOCK = 32768  # the transaction log's block size; each record chunk has a 7-byte header (crc, length, type)
 
@@ -70,6 +84,26 @@ def _read_records(data: bytes) -> list:
 
 def run_record(run_dir: Path):
     return next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's config: what wandb.init got, then each update (Lightning's log_hyperparams)."""
+    config = {}
+    for record in wandb_records(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return config
+
+
+def history(run_dir: Path) -> list[dict]:
+    """The run's logged steps, each as {key: value}; media as their description's fields (``val/patterns/_type``)."""
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in wandb_records(run_dir)
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def offline_run(folder: Path) -> Path:
@@ -191,8 +225,8 @@ def test_training_run_name_group_and_artifacts(trained, wandb_data_dir):
     run, objects = trained
     run_dir = offline_run(run)
     record = run_record(run_dir)
-    assert record.display_name == "sgma-mit_b0-synthetic-uniform-s7"
-    assert record.run_group == "sgma-mit_b0-synthetic-uniform" and record.job_type == "train"
+    assert record.display_name == f"{TRAINED}-s7"
+    assert record.run_group == TRAINED and record.job_type == "train"
     assert list(record.tags) == ["synthetic", "mit_b0", "sgf", "sgma", "uniform"]
     # log_model=true offline: the best and the last checkpoint are recorded as `model` artifacts of the offline
     # run, each file copied (byte for byte) into W&B's staging folder, from which `wandb sync` uploads it
@@ -233,8 +267,8 @@ def test_eval_logs_its_own_run(trained, tmp_path):
     assert_confusion_matches(run_dir, "val", report)
     assert len(images(run_dir, "val_samples/0_maps")) == 1 and not list(run_dir.rglob("val_samples/1_*"))
     record = run_record(run_dir)
-    assert record.display_name == "eval-val-sgma-mit_b0-synthetic-uniform-s7"
-    assert record.run_group == "sgma-mit_b0-synthetic-uniform" and record.job_type == "eval"
+    assert record.display_name == f"eval-val-{TRAINED}-s7"
+    assert record.run_group == TRAINED and record.job_type == "eval"
     assert b"val/avg/miou" in next(run_dir.glob("run-*.wandb")).read_bytes()
 
 
@@ -260,7 +294,7 @@ def test_predict_logs_the_predicted_images(trained, tmp_path):
     written = np.asarray(Image.open(result["files"]["prediction"]).convert("RGB"))
     assert (np.asarray(Image.open(logged).convert("RGB")) == written).all()  # the written file, as it is
     record = run_record(run_dir)
-    assert record.display_name == "predict-rgb+dsm-sgma-mit_b0-synthetic-uniform-s7" and record.job_type == "predict"
+    assert record.display_name == f"predict-rgb+dsm-{TRAINED}-s7" and record.job_type == "predict"
 
 
 # ---------------------------------------------------------------------------- configuration and errors
@@ -303,13 +337,125 @@ def test_eval_and_predict_refuse_other_loggers(tmp_path):
 def test_callback_without_wandb_and_bad_options(tmp_path):
     trainer = Trainer(logger=CSVLogger(tmp_path), accelerator="cpu", enable_progress_bar=False)
     assert wandb_run(trainer) is None  # the callback then does nothing
-    assert WandbMedia().state_dict() == {}
-    with pytest.raises(ValueError, match=r"callbacks.wandb_media.panels_every_n_epochs must be an integer >= 1"):
-        WandbMedia(panels_every_n_epochs=0)
+    assert WandbMedia().state_dict() == {"mas_history": {}, "validations": 0}
+    with pytest.raises(ValueError, match=r"callbacks.wandb_media.panels_every_n_validations must be an integer >= 1"):
+        WandbMedia(panels_every_n_validations=0)
     with pytest.raises(ValueError, match=r"callbacks.wandb_media.panel_samples must be an integer >= 0"):
         WandbMedia(panel_samples=-1)
     with pytest.raises(ValueError, match=r"offline=true contradicts logger.wandb.mode='online'"):
         WandbLogger(offline=True, mode="online")
     restored = WandbMedia()
-    restored.load_state_dict({"mas_history": {"mas/rho_rgb": [(0, 1.0), (1, 0.9)]}})
-    assert restored.mas_history == {"mas/rho_rgb": [[0, 1.0], [1, 0.9]]}
+    restored.load_state_dict({"mas_history": {"mas/rho_rgb": [(0, 1.0), (1, 0.9)]}})  # a checkpoint without the count
+    assert restored.mas_history == {"mas/rho_rgb": [[0, 1.0], [1, 0.9]]} and restored.validations == 0
+
+
+# ------------------------------------------------------------------------------- names and groups of sweeps
+def name_and_group(overrides: list[str], out: Path) -> tuple[str, str]:
+    """W&B name and group of a train job with these task overrides, as Hydra composes each job of a sweep."""
+    cfg = bind_to(compose_config("train", overrides), out)
+    node = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    GlobalHydra.instance().clear()
+    return node["name"], node["group"]
+
+
+def test_sweeps_over_plain_keys_get_a_group_per_setting(tmp_path):
+    plain = "sgma-mit_b0-synthetic-uniform"
+    assert name_and_group([], tmp_path) == (f"{plain}-s42", plain)
+    # the jobs of `-m debug=tiny test=false loss=ce,ohem` and of sweeps over model.fusion, missing.p, augment, mas.*
+    sweeps = [
+        [["debug=tiny", "test=false", f"loss={v}"] for v in ("ce", "ohem")],
+        [["model=sgma", f"model.fusion={v}"] for v in ("sgf", "concat")],
+        [["missing=bernoulli", f"missing.p={v}"] for v in (0.1, 0.3)],
+        [[f"augment={v}"] for v in ("none", "paper")],
+        [[f"mas.lambda_mas={v}", "data.mas.floor=0.1"] for v in (0.5, 2.0)],
+    ]
+    for jobs in sweeps:
+        named = [name_and_group(job, tmp_path) for job in jobs]
+        assert len({n for n, _ in named}) == len({g for _, g in named}) == len(jobs), named
+    assert name_and_group(["debug=tiny", "test=false", "loss=ohem"], tmp_path) == (
+        f"{plain}-debug=tiny,loss=ohem-s42",
+        f"{plain}-debug=tiny,loss=ohem",
+    )
+    assert name_and_group(["model=sgma", "model.fusion=concat"], tmp_path)[0] == f"{plain}-model.fusion=concat-s42"
+    # the seeds of a setting share its group, in any order on the command line
+    one, two = name_and_group(["loss=ohem", "seed=1"], tmp_path), name_and_group(["seed=2", "loss=ohem"], tmp_path)
+    assert one == (f"{plain}-loss=ohem-s1", f"{plain}-loss=ohem") and two == (f"{plain}-loss=ohem-s2", one[1])
+    # where things are, how the run executes, what it logs, resuming: the same setting
+    moved = ["loss=ohem", "seed=1", "ckpt_path=/runs/a/checkpoints/last.ckpt", "logger.wandb.offline=false"]
+    moved += ["trainer.accelerator=cpu", "data.num_workers=2", "callbacks.wandb_media.panel_samples=0", "test=false"]
+    assert name_and_group(moved, tmp_path) == one
+    # an Optuna trial's overrides: cut to a bounded length, and still one name per trial
+    trial = ["mas.lambda_mas=0.7345123412", "data.mas.floor=0.1234123412", "data.mas.mix=0.4123412341"]
+    trials = [[*trial, f"optimizer.lr={lr}"] for lr in (1.234e-4, 1.235e-4)]
+    (first, group), (second, _) = [name_and_group(t, tmp_path) for t in trials]
+    assert first != second and len(group) == len(plain) + 1 + WANDB_SETTING_MAX
+    assert name_and_group(trials[0], tmp_path)[0] == first  # the same trial, the same name
+
+
+class StopAfterEpoch(L.Callback):
+    """Ends training after epoch ``epoch``, as an interruption would: its last.ckpt is then resumed."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def train_tiny(out: Path, *overrides: str, stop_after: int | None = None) -> dict:
+    cfg = bind_to(compose_config("train", ["debug=tiny", "logger=wandb", "test=false", *overrides]), out)
+    if stop_after is not None:  # not an override: the same setting as the run without it
+        with open_dict(cfg):
+            cfg.callbacks.stop = {"_target_": "test_wandb_media.StopAfterEpoch", "epoch": stop_after}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, objects = train(cfg)
+    GlobalHydra.instance().clear()
+    return objects
+
+
+def test_panels_follow_the_validation_count(tmp_path):
+    # 9 epochs validated every 2nd: validations after epochs 1, 3, 5, 7; panels at the first, every 2nd after it,
+    # and at the last, which is epoch 7 (epoch 9 would be the next)
+    panels = ["panels_every_n_validations=2", "panel_samples=1", "panel_patterns=1"]
+    train_tiny(tmp_path, "trainer.max_epochs=9", "trainer.check_val_every_n_epoch=2",
+               *[f"callbacks.wandb_media.{p}" for p in panels])  # fmt: skip
+    validations = [step for step in history(offline_run(tmp_path)) if "val/patterns/_type" in step]
+    assert [step["trainer/global_step"] for step in validations] == [4, 8, 12, 16]  # 2 steps an epoch
+    assert ["val_samples/0_maps/_type" in step for step in validations] == [True, False, True, True]
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+    assert saved["WandbMedia"]["validations"] == 4  # a resumed run counts on
+
+
+def test_offline_resume_is_a_run_of_its_own_in_the_same_group(tmp_path):
+    common = ["trainer.max_epochs=3", "seed=5", "callbacks.wandb_media.panel_samples=0"]
+    train_tiny(tmp_path / "a", *common, stop_after=0)
+    first_dir = offline_run(tmp_path / "a")
+    first = run_record(first_dir)
+    train_tiny(tmp_path / "b", *common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", stop_after=1)
+    resumed_dir = offline_run(tmp_path / "b")
+    resumed = run_record(resumed_dir)
+    # a new id (offline, the same id would replace the first run's history when both are synced), the same group
+    assert first.run_group == resumed.run_group == "sgma-mit_b0-synthetic-uniform-debug=tiny,trainer.max_epochs=3"
+    assert first.display_name == f"{first.run_group}-s5" and resumed.display_name == f"{first.display_name}-resume1"
+    assert re.fullmatch(rf"{first.run_id}-resume1-[0-9a-z]+", resumed.run_id), resumed.run_id
+    config = run_config(resumed_dir)
+    assert config["resumed_from"] == config["original_run_id"] == first.run_id and config["seed"] == 5
+    # W&B's _step starts again; the curves go on from the checkpoint's step (epoch 0: steps 1-2) on trainer/global_step
+    steps = {run: [s["trainer/global_step"] for s in history(d) if "trainer/global_step" in s]
+             for run, d in (("first", first_dir), ("resumed", resumed_dir))}  # fmt: skip
+    assert max(steps["first"]) == min(steps["resumed"]) == 2 and max(steps["resumed"]) == 4
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["callbacks"]["WandbMedia"]["validations"] == 2
+
+
+def test_resume_options_online_and_offline(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    node = {"offline": False, "name": "sgma-x-s1", "group": "sgma-x"}
+    assert resume_options(node, "ab12cd34") == {"id": "ab12cd34", "resume": "allow"}  # online: W&B continues it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    again = resume_options(node, "ab12cd34-resume1-x7y8")  # the resumed run's checkpoint, resumed in turn
+    assert re.fullmatch(r"ab12cd34-resume2-[0-9a-z]+", again["id"]) and again["name"] == "sgma-x-s1-resume2"
+    assert again["config"] == {"resumed_from": "ab12cd34-resume1-x7y8", "original_run_id": "ab12cd34"}
+    assert resume_options(node, "ab12cd34")["id"] != resume_options(node, "ab12cd34")["id"]  # never one id twice

@@ -12,7 +12,9 @@ Lightning would reject only after the job waited in the queue.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +92,52 @@ def local_gpus(accelerator: Any, devices: Any) -> int:
     return 0 if str(accelerator) == "cpu" else slurm_tasks(devices)
 
 
+# ------------------------------------------------------------------------------------------- W&B names, groups
+# Task overrides that are no setting of a W&B name or group (conf/logger/wandb.yaml): the seed (a group gathers the
+# seeds of one setting) and the choices the readable part shows already (exact keys: model.fusion=concat still
+# counts); below, keys (and all under them) that say where things are, how a run executes or what it logs, so that
+# a run resumed with ckpt_path=..., moved to other data paths or devices, or logging more, stays in its group.
+WANDB_NAME_SHOWN = ("seed", "model", "backbone", "dataset", "missing", "missing.pattern")
+# fmt: off
+WANDB_NAME_IGNORED = (
+    "ckpt_path", "resume_force", "train", "test", "task_name", "optimized_metric", "hparams_search", "eval",
+    "paths", "logger", "callbacks", "slurm", "local", "data.num_workers", "data.pin_memory", "data.eval_batch_size",
+    "model.compile", "model.compile_options", "model.channels_last", "model.pack_multiple", "trainer.accelerator",
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.log_every_n_steps",
+)
+# fmt: on
+WANDB_NAME_IGNORED_LEAVES = ("root", "cache_dir", "progress", "num_workers")  # as a resumed run may change them
+WANDB_SETTING_MAX = 56  # characters: names (with preset, ..., seed, -resume<k>) stay under the 128 W&B accepts
+
+
+def _names_setting(key: str) -> bool:
+    return not (
+        key in WANDB_NAME_SHOWN
+        or any(key == k or key.startswith(f"{k}.") for k in WANDB_NAME_IGNORED)
+        or key.rsplit(".", 1)[-1] in WANDB_NAME_IGNORED_LEAVES
+    )
+
+
+def wandb_setting(overrides: Sequence[str]) -> str:
+    """``-<key=value,...>``, the task overrides (``${hydra:overrides.task}``) that make a run's setting, sorted (the
+    order on the command line does not matter), for its W&B name and group; empty when there are none. Longer than
+    :data:`WANDB_SETTING_MAX`, it is cut and ends in a hash of the whole, so distinct settings keep distinct names.
+    Resolver ``sgma.wandb_setting``."""
+    setting = ",".join(sorted(o for o in overrides if _names_setting(o.split("=", 1)[0].lstrip("+~"))))
+    if len(setting) > WANDB_SETTING_MAX:
+        digest = hashlib.sha1(setting.encode()).hexdigest()[:8]
+        setting = f"{setting[: WANDB_SETTING_MAX - len(digest) - 1]}~{digest}"
+    return f"-{setting}" if setting else ""
+
+
 RESOLVERS = {
     "sgma.slurm_partition": slurm_partition,
     "sgma.slurm_nodes": slurm_nodes,
     "sgma.slurm_tasks": slurm_tasks,
     "sgma.slurm_gpus": slurm_gpus,
     "sgma.local_gpus": local_gpus,
+    "sgma.wandb_setting": wandb_setting,
 }
 
 

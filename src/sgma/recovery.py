@@ -432,7 +432,7 @@ class ResumeState(Callback):
     - the module's torchmetrics states (the best validation score so far), which are not in its state_dict;
     - the ModelCheckpoint callbacks' top-k bookkeeping, carried into the resumed run's folder
       (:func:`_adopt_checkpoints`);
-    - the W&B run id, which ``train()`` reads to continue the same W&B run.
+    - the W&B run id, which ``train()`` reads to continue that W&B run (online) or follow it (offline).
     """
 
     def __init__(self) -> None:
@@ -466,7 +466,8 @@ class ResumeState(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict.get("rng")
-        self.wandb_id = state_dict.get("wandb_id") or self.wandb_id
+        # the live run's id wins: offline, a resumed run is a W&B run of its own, which the next resume follows
+        self.wandb_id = self.wandb_id or state_dict.get("wandb_id")
         if self._module is not None and state_dict.get("metrics"):
             _set_metric_states(self._module, state_dict["metrics"])
 

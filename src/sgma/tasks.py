@@ -203,16 +203,27 @@ def _write_run_plots(
     log.info("%d plots written to %s", len(files), plots)
 
 
-# command-line overrides that the run ignores: (key prefix, when it is ignored, why). Composed configs always
-# carry these keys, so only what the user set on the command line (or a sweeper chose) is warned about.
-INACTIVE_OVERRIDES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
-    ("data.mas.", lambda c: c.data.get("sampler") != "mas", "the MAS sampler is off (data.sampler=random)"),
-    ("mas.draw", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
-    ("mas.lambda_mas", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
-    ("mas.loss_momentum", lambda c: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
-    ("eval.window", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
-    ("eval.overlap", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
-    ("eval.blend", lambda c: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+# command-line overrides that the run ignores: (key prefix, when it is ignored given the config and the key, why).
+# Composed configs always carry these keys, so only what the user set on the command line (or a sweeper chose) is
+# warned about; a key may match several entries, the first that applies is named.
+INACTIVE_OVERRIDES: list[tuple[str, Callable[[DictConfig, str], bool], str]] = [
+    ("data.mas.", lambda c, k: c.data.get("sampler") != "mas", "the MAS sampler is off (data.sampler=random)"),
+    (
+        "data.mas.",
+        lambda c, k: c.model.get("fusion") != "sgf",
+        "the MAS sampler's memory is fed by SGF's robustness maps, which this fusion has not (it stays uniform)",
+    ),
+    ("mas.draw", lambda c, k: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    ("mas.lambda_mas", lambda c, k: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    ("mas.loss_momentum", lambda c, k: not c.mas.branch, "the MAS branch is off (mas.branch=false)"),
+    (
+        "model.fusion_options.",
+        lambda c, k: k.split(".")[2] != c.model.get("fusion"),
+        "only the options of the fusion in use (model.fusion) reach the model",
+    ),
+    ("eval.window", lambda c, k: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+    ("eval.overlap", lambda c, k: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
+    ("eval.blend", lambda c, k: not c.eval.get("full_tile"), "it applies to eval.full_tile=true only"),
 ]
 
 
@@ -224,10 +235,23 @@ def warn_inactive_overrides(cfg: DictConfig) -> None:
     for override in HydraConfig.get().overrides.task:
         key = override.lstrip("+~").split("=", 1)[0]
         for prefix, ignored, why in INACTIVE_OVERRIDES:
-            if key.startswith(prefix) and OmegaConf.select(cfg, prefix.rstrip("."), default=None) is not None:
-                if ignored(cfg):
-                    log.warning("%s has no effect in this run: %s", override, why)
+            if not key.startswith(prefix) or OmegaConf.select(cfg, prefix.rstrip("."), default=None) is None:
+                continue
+            if ignored(cfg, key):
+                log.warning("%s has no effect in this run: %s", override, why)
                 break
+
+
+def warn_no_expected_miou(missing_probs: list[float], scored: int, patterns: int, setting: str) -> None:
+    """The E[mIoU] rows need every pattern scored: say why a table over a subset has none."""
+    if scored < patterns and missing_probs:
+        log.warning(
+            "no expected-mIoU rows for missing_probs=%s: they need every pattern, and %s scores %d of %d",
+            list(missing_probs),
+            setting,
+            scored,
+            patterns,
+        )
 
 
 def _check_train_settings(cfg: DictConfig) -> None:
@@ -366,6 +390,10 @@ def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = build_module(cfg, dm)
     if fit:
         check_monitored_names(cfg, module, dm)
+    if cfg.get("test", True):
+        warn_no_expected_miou(
+            module.missing_probs, len(dm.eval_patterns("test")), len(dm.patterns), "data.test_patterns"
+        )
     # written once the data and the model are built: a setting they refuse leaves no config of a run that never ran
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
     callbacks, loggers = callbacks_and_loggers(cfg, wandb_id=resumed.get("wandb_id"))
@@ -537,13 +565,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         module.load_state_dict(ckpt["state_dict"])
     split = cfg.split
     patterns = dm.eval_patterns(split, cfg.get("patterns"))
-    if len(patterns) < len(dm.patterns) and run_cfg.eval.missing_probs:
-        log.warning(
-            "no expected-mIoU rows for missing_probs=%s: they need every pattern, and patterns= scores %d of %d",
-            list(run_cfg.eval.missing_probs),
-            len(patterns),
-            len(dm.patterns),
-        )
+    warn_no_expected_miou(module.missing_probs, len(patterns), len(dm.patterns), "patterns=")
     module.test_split = split  # metric keys and the report are named after the evaluated split
     full_tile = bool(cfg.eval.full_tile)
     trainer = None

@@ -12,7 +12,7 @@ import hydra
 from hydra.errors import InstantiationException
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("sgma")
 
@@ -78,14 +78,16 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
 
 def callbacks_and_loggers(cfg: DictConfig, *, wandb_id: str | None = None) -> tuple[list[Callback], list[Logger]]:
-    """The configured callbacks and loggers; ``wandb_id``: continue that W&B run (a resumed training run)."""
+    """The configured callbacks and loggers; ``wandb_id``: the W&B run of the checkpoint a training run resumes
+    (continued online, followed by a run of its own offline: :func:`sgma.wandb_media.resume_options`)."""
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
             continue
-        extra = {}
         if wandb_id and str(node["_target_"]).endswith("WandbLogger"):
-            extra = {"id": wandb_id, "resume": "allow"}
-            log.info("resuming W&B run %s", wandb_id)
-        loggers.append(instantiate(node, **extra))
+            from sgma.wandb_media import resume_options
+
+            # merged, not passed as keywords: one of them is wandb.init's `config`, a name instantiate() takes itself
+            node = {**OmegaConf.to_container(node, resolve=True), **resume_options(node, wandb_id)}
+        loggers.append(instantiate(node))
     return instantiate_dict(cfg.get("callbacks")), loggers

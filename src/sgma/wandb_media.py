@@ -8,6 +8,7 @@
   validation end and at test end the per-pattern table and bar chart, a fixed panel of samples (inputs with
   ground-truth / prediction masks and the robustness maps on one 0-1 scale), at test a confusion matrix per
   pattern, and over training what MAS does (line plots of the sampler's probabilities and the memory's rho).
+- :func:`resume_options`: how a training run resumed from a checkpoint logs to W&B, online and offline.
 - :func:`log_evaluation` and :func:`log_predictions`: the same media for ``eval.py`` and the predicted images
   for ``predict.py`` (``logger=wandb``), each in a run of its own named after the checkpoint's training run.
 
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +53,8 @@ MAS_PLOTS = {
     "train/mas/drawn_": "MAS branch: share of samples trained on the modality alone",
 }
 MAX_IMAGE_SIDE = 1024  # predicted images are shown in W&B at most this big (nearest-neighbour), files stay full
+# the id resume_options gives the k-th offline resume of run <root>: <root>-resume<k>-<random>
+RESUMED_ID = re.compile(r"(?P<root>.+?)-resume(?P<count>\d+)-[0-9a-z]+")
 
 
 class WandbLogger(LightningWandbLogger):
@@ -73,6 +79,39 @@ class WandbLogger(LightningWandbLogger):
                 )
             kwargs["mode"] = "offline"
         super().__init__(offline=False, **kwargs)
+
+
+def resume_options(node: Mapping, wandb_id: str) -> dict[str, Any]:
+    """What the W&B logger ``node`` of a training run resumed from a checkpoint of W&B run ``wandb_id`` gets on top
+    of its config.
+
+    Online: that id with ``resume="allow"``: W&B continues the run, its history and step. Offline (``offline=true``,
+    the default, ``mode=offline`` or ``WANDB_MODE=offline``) W&B cannot continue a run: an offline run with the
+    same id starts again at step 0 with ``resumed`` false, and ``wandb sync`` of the two replaces the first one's
+    history (wandb issues #5865, #3841). So offline the resumed run is a run of its own in the same group, id
+    ``<original id>-resume<k>-<random>``, name ``<name>-resume<k>``, with ``resumed_from`` (``wandb_id``) and
+    ``original_run_id`` in its config; its curves go on from the checkpoint's step on ``trainer/global_step``.
+    """
+    offline = node.get("offline") or (node.get("mode") or os.environ.get("WANDB_MODE")) in ("offline", "dryrun")
+    if not offline:
+        log.info("resuming W&B run %s", wandb_id)
+        return {"id": wandb_id, "resume": "allow"}
+    resumed = RESUMED_ID.fullmatch(wandb_id)
+    root, count = (resumed["root"], int(resumed["count"]) + 1) if resumed else (wandb_id, 1)
+    # random: the same checkpoint resumed twice must not give two offline runs one id
+    options = {"id": f"{root}-resume{count}-{secrets.token_hex(3)}"}
+    options["config"] = {"resumed_from": wandb_id, "original_run_id": root}
+    if node.get("name"):
+        options["name"] = f"{node['name']}-resume{count}"
+    log.info(
+        "W&B is offline, where a run cannot be continued: the resumed run logs to offline run %s (%s), which "
+        "follows %s in group %s",
+        options["id"],
+        options.get("name"),
+        wandb_id,
+        node.get("group"),
+    )
+    return options
 
 
 def wandb_run(trainer: L.Trainer) -> Any:
@@ -239,24 +278,29 @@ class WandbMedia(Callback):
 
     ``panel_samples`` samples (evenly spaced over the split, the same every time) under ``panel_patterns``
     patterns (:func:`sgma.panels.panel_patterns`: the fullest, the first single, the first pair) are shown at
-    every ``panels_every_n_epochs``-th validation, the last one and at test; ``panel_samples=0`` turns the
+    the first validation and every ``panels_every_n_validations``-th after it (validations are counted, whatever
+    ``trainer.check_val_every_n_epoch``; the count is kept in checkpoints), at the validation of the last epoch
+    (``trainer.max_epochs``: the last one unless training stops early) and at test; ``panel_samples=0`` turns the
     panels off. The pattern table and bar chart come at every validation, confusion matrices at test.
     The MAS line plots are rebuilt from the recorded per-epoch values after each epoch; the record is kept in
     checkpoints so a resumed run continues the curves (without the epoch the checkpoint was written in: a
     checkpoint is written at validation, before that epoch's MAS values exist; they stay in the scalar charts).
     """
 
-    def __init__(self, *, panel_samples: int = 4, panel_patterns: int = 3, panels_every_n_epochs: int = 10) -> None:
+    def __init__(
+        self, *, panel_samples: int = 4, panel_patterns: int = 3, panels_every_n_validations: int = 10
+    ) -> None:
         for name, value, low in (
             ("panel_samples", panel_samples, 0),
             ("panel_patterns", panel_patterns, 1),
-            ("panels_every_n_epochs", panels_every_n_epochs, 1),
+            ("panels_every_n_validations", panels_every_n_validations, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"callbacks.wandb_media.{name} must be an integer >= {low}, got {value!r}")
         self.panel_samples = panel_samples
         self.panel_patterns = panel_patterns
-        self.panels_every_n_epochs = panels_every_n_epochs
+        self.panels_every_n_validations = panels_every_n_validations
+        self.validations = 0  # finished so far, sanity check aside
         self.mas_history: dict[str, list[list[float]]] = {}
 
     def _panels(self, trainer: L.Trainer, pl_module: SegmentationModule, split: str, report: PatternReport) -> dict:
@@ -274,14 +318,16 @@ class WandbMedia(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: SegmentationModule) -> None:
         if trainer.sanity_checking:
             return
+        index, self.validations = self.validations, self.validations + 1
         run = wandb_run(trainer)
         report = pl_module.reports.get("val")
         if run is None or report is None or not report.patterns:
             return
         media = report_media(report, "val", confusion=False)
-        epoch = trainer.current_epoch
-        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if epoch % self.panels_every_n_epochs == 0 or last:
+        # the last epoch's validation, or the last before it when validation skips epochs
+        every = trainer.check_val_every_n_epoch or 1
+        last = 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + every
+        if index % self.panels_every_n_validations == 0 or last:
             media.update(self._panels(trainer, pl_module, "val", report))
         run.log({**media, "trainer/global_step": trainer.global_step})
 
@@ -319,10 +365,11 @@ class WandbMedia(Callback):
         run.log({**mas_media(self.mas_history), "trainer/global_step": trainer.global_step})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mas_history": self.mas_history} if self.mas_history else {}
+        return {"mas_history": self.mas_history, "validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.mas_history = {k: [list(p) for p in v] for k, v in state_dict.get("mas_history", {}).items()}
+        self.validations = int(state_dict.get("validations", 0))  # checkpoints of before the count: from 0
 
 
 # ------------------------------------------------------------------------------------ eval.py and predict.py
