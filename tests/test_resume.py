@@ -126,6 +126,15 @@ def test_signal_outside_training_stops_with_its_exit_status(tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_last_checkpoint_is_the_last_epoch(tmp_path):
+    """last.ckpt holds the newest epoch, whatever validation found: Lightning's save_last wrote it only beside a new
+    top-k file, so here (validation every 2nd epoch) it stayed at the 2nd of 3 epochs."""
+    cfg = _cfg(tmp_path, "baseline", "test=false", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2")
+    _, objects = train(cfg)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 2 and saved["global_step"] == objects["trainer"].global_step
+
+
 def test_second_signal_aborts_without_saving(tmp_path):
     cfg = _cfg(tmp_path, "baseline", "test=false", signal_at={"step": 1, "times": 2})
     with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt handling ends the process

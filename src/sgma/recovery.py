@@ -194,8 +194,10 @@ class CheckpointOnSignal(Checkpoint):
     same batches on every rank) and a signal takes effect within that many steps. One process checks its
     flag at every batch, which costs nothing.
 
-    Handlers are installed by :meth:`handling_signals` around ``trainer.fit`` and the previous ones restored
-    afterwards. A Checkpoint subclass, so Lightning runs it after the ModelCheckpoint callbacks.
+    Without a signal, it writes ``last.ckpt`` at the end of every epoch (when the ModelCheckpoint has
+    ``save_last``), so the newest epoch can always be resumed. Handlers are installed by :meth:`handling_signals`
+    around ``trainer.fit`` and the previous ones restored afterwards. A Checkpoint subclass, so Lightning runs it
+    after the ModelCheckpoint callbacks.
     """
 
     def __init__(self, dirpath: str | os.PathLike, *, sync_every_n_batches: int = 10) -> None:
@@ -306,11 +308,23 @@ class CheckpointOnSignal(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._requested(trainer):
+            self._save_last(trainer)
             return
         stopped = self._save(trainer)
         if not trainer.fit_loop._can_stop_early:  # trainer.min_epochs not reached: should_stop would be ignored
             raise stopped
         trainer.should_stop = True  # the epoch's metrics are still logged; fit then returns
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        """``save_last``: ``last.ckpt`` at the end of every epoch. Lightning's ModelCheckpoint writes it only when it
+        also writes a top-k file (an improvement), so after a crash it could be many epochs old; and its copy is
+        taken at validation's end, before the epoch-end hooks (the MAS memory's commit): this one follows them."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / LAST
+                trainer.save_checkpoint(path, weights_only=False)
+                callback.last_model_path = str(path)
+                return
 
     def raise_if_stopped(self) -> None:
         """After ``trainer.fit``: raise the :class:`TrainingInterrupted` of an interruption at an epoch end."""
