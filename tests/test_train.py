@@ -176,6 +176,22 @@ def test_train_with_a_test_pattern_subset_says_why_there_are_no_expected_miou_ro
     assert set(json.loads((tmp_path / "patterns.json").read_text())["summaries"]) == {"avg", "top1", "last1"}
 
 
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(sgma_ckpt, tmp_path):
+    """train=false (or resume_force=true) with a checkpoint of another preset: what differs, not Lightning's dump of
+    every state-dict key, and no run folder config of a run that never ran."""
+    for i, extra in enumerate((["train=false"], ["resume_force=true", "trainer.max_epochs=2"])):
+        run = tmp_path / str(i)
+        cfg = bind_to(compose_config("train", ["debug=tiny", "logger=csv", "model=baseline", *extra]), run)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(sgma_ckpt)
+        with pytest.raises(
+            ValueError, match=r"its weights do not fit the model this config builds: 96 unexpected"
+        ) as e:
+            train(cfg)
+        assert "model.fusion: 'sgf' -> 'mean'" in str(e.value) and "eval.py ckpt_path=PATH" in str(e.value)
+        assert not (run / "config.yaml").exists()
+
+
 def _run(args: list[str], tmp_path: Path, script: str = "train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SGMA_LOG_DIR": str(tmp_path)}
     return subprocess.run(

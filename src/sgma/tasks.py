@@ -41,7 +41,14 @@ from sgma.metrics import PatternReport
 from sgma.module import SegmentationModule
 from sgma.optim import WarmupPolyLR
 from sgma.panels import collect_panels, panel_indices, panel_patterns
-from sgma.recovery import AtomicCheckpointIO, CheckpointOnSignal, ResumeState, check_resume, stop_on_signal
+from sgma.recovery import (
+    AtomicCheckpointIO,
+    CheckpointOnSignal,
+    ResumeState,
+    check_resume,
+    resume_differences,
+    stop_on_signal,
+)
 from sgma.reporting import print_table, write_report
 from sgma.utils import add_note, callbacks_and_loggers, instantiate, task_wrapper
 from sgma.wandb_media import log_evaluation, wandb_logger_node
@@ -319,10 +326,30 @@ def check_monitored_names(cfg: DictConfig, module: SegmentationModule, dm: Multi
         )
 
 
-def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict) -> dict:
-    """Read the checkpoint to resume without running code in it; refuse one trained with another config."""
-    # a crafted or damaged file is refused here, with a clear message, before Lightning unpickles it
-    ckpt = load_checkpoint_safely(path, what="ckpt_path")
+def check_weights_fit(module: SegmentationModule, ckpt: dict, *, path: Path, config: dict) -> None:
+    """Refuse a ``ckpt_path`` whose weights do not fit the model this config builds (another preset, backbone or
+    dataset; with ``resume_force=true`` or ``train=false``), naming what differs, instead of Lightning's dump of
+    every state-dict key."""
+    own, saved = module.state_dict(), ckpt.get("state_dict") or {}
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    stored = ckpt.get(CHECKPOINT_KEY, {}).get("config") if isinstance(ckpt.get(CHECKPOINT_KEY), dict) else None
+    compared = resume_differences(stored, config) if stored else []
+    diffs = [d for d in compared if d.startswith(("model.", "backbone.", "dataset."))]
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("unexpected", unexpected),
+             ("of another shape", reshaped)) if v]  # fmt: skip
+    raise ValueError(
+        f"ckpt_path={str(path)!r}: its weights do not fit the model this config builds: {'; '.join(parts)}. "
+        + (f"The config differs from the checkpoint's in: {', '.join(diffs[:6])}. " if diffs else "")
+        + "Use the checkpoint's model, backbone and dataset, or eval.py ckpt_path=PATH, which rebuilds them from it"
+    )
+
+
+def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict, ckpt: dict) -> dict:
+    """Refuse to resume a checkpoint trained with another config."""
     stored = ckpt.get(CHECKPOINT_KEY, {}).get("config") if isinstance(ckpt.get(CHECKPOINT_KEY), dict) else None
     info = check_resume(stored, cfg_dict, ckpt, path=path, force=bool(cfg.get("resume_force", False)))
     log.info(
@@ -382,12 +409,15 @@ def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     resume = _check_checkpoint_path(resume_checkpoint(cfg.get("ckpt_path"), out_dir), what="ckpt_path")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = resolved_dict(cfg)
-    resumed = _resume_info(cfg, resume, cfg_dict) if resume and fit else {}
-    if resume and not fit:
-        load_checkpoint_safely(resume, what="ckpt_path")  # refused before Lightning unpickles it
+    # a crafted or damaged file is refused here, with a clear message, before Lightning unpickles it
+    ckpt = load_checkpoint_safely(resume, what="ckpt_path") if resume else None
+    resumed = _resume_info(cfg, resume, cfg_dict, ckpt) if resume and fit else {}
 
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
+    if ckpt is not None:
+        check_weights_fit(module, ckpt, path=resume, config=cfg_dict)
+        del ckpt
     if fit:
         check_monitored_names(cfg, module, dm)
     if cfg.get("test", True):
