@@ -283,8 +283,8 @@ class WandbMedia(Callback):
     (``trainer.max_epochs``: the last one unless training stops early) and at test; ``panel_samples=0`` turns the
     panels off. The pattern table and bar chart come at every validation, confusion matrices at test.
     The MAS line plots are rebuilt from the recorded per-epoch values after each epoch; the record is kept in
-    checkpoints so a resumed run continues the curves (without the epoch the checkpoint was written in: a
-    checkpoint is written at validation, before that epoch's MAS values exist; they stay in the scalar charts).
+    checkpoints so a resumed run continues the curves (``last.ckpt``, written at the epoch's end, holds that epoch's
+    values; a best checkpoint, written at validation, comes before them: they stay in the scalar charts).
     """
 
     def __init__(
