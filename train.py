@@ -1,8 +1,10 @@
 """Train, then evaluate every modality pattern: ``python train.py [group=option ...] [key=value ...]``.
 
-SIGINT (Ctrl-C), SIGTERM, or SLURM's time-limit warning (SIGUSR1 / SIGUSR2) saves ``<run>/checkpoints/last.ckpt``
-and exits with 128 + the signal number (130, 143, 138, 140) after logging the ``ckpt_path=...`` to resume from; a
-SLURM job stopped by the time-limit warning is requeued first and resumes by itself (README "Clusters and sweeps").
+SIGINT (Ctrl-C), SIGTERM, or SLURM's time-limit warning (SIGUSR1 / SIGUSR2) during training saves
+``<run>/checkpoints/last.ckpt`` and exits with 128 + the signal number (130, 143, 138, 140) after logging the
+``ckpt_path=...`` to resume from; outside training (data preparation, the test, the plots) it stops at once with the
+same status, naming the existing ``last.ckpt``. A SLURM job stopped by the time-limit warning is requeued first and
+resumes by itself (README "Clusters and sweeps").
 """
 
 import logging

@@ -27,7 +27,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from conftest import REPO, bind_to, compose_config
@@ -102,6 +102,13 @@ def test_refused_sweeps_stop_before_any_job(tmp_path):
         (["trainer=ddp_cpu"], r"trainer.devices=2 with hydra/launcher=submitit_local"),
         (["trainer.devices=1,2"], r"trainer.devices=1,2: hydra/launcher=submitit_local sizes every job .* one sweep"),
     ]
+    # a sweep over a trainer key the launcher does not read is fine
+    from sgma.cluster import swept_launcher_keys
+
+    cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "trainer.max_epochs=1"])
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = ["trainer.max_epochs=1,2", "slurm.mem_gb=32,64", "trainer=gpu,ddp", "seed=1,2"]
+    assert swept_launcher_keys(cfg) == ["slurm.mem_gb=32,64", "trainer=gpu,ddp"]
     for extra, message in cases:
         sweep = tmp_path / "sweep"
         args = ["-m", "hydra/launcher=submitit_local", "debug=tiny", "logger=csv", f"hydra.sweep.dir={sweep}", *extra]

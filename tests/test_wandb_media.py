@@ -429,16 +429,19 @@ def test_panels_follow_the_validation_count(tmp_path):
 
 
 def test_offline_resume_is_a_run_of_its_own_in_the_same_group(tmp_path):
-    common = ["trainer.max_epochs=3", "seed=5", "callbacks.wandb_media.panel_samples=0"]
-    train_tiny(tmp_path / "a", *common, stop_after=0)
+    common = ["seed=5", "callbacks.wandb_media.panel_samples=0"]
+    train_tiny(tmp_path / "a", *common, "trainer.max_epochs=3", stop_after=0)
     first_dir = offline_run(tmp_path / "a")
     first = run_record(first_dir)
-    train_tiny(tmp_path / "b", *common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", stop_after=1)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    train_tiny(tmp_path / "b", *common, "trainer.max_epochs=4", f"ckpt_path={last}", stop_after=1)  # a longer run
     resumed_dir = offline_run(tmp_path / "b")
     resumed = run_record(resumed_dir)
-    # a new id (offline, the same id would replace the first run's history when both are synced), the same group
+    # a new id (offline, the same id would replace the first run's history when both are synced), the first run's
+    # group although the longer schedule names another one
     assert first.run_group == resumed.run_group == "sgma-mit_b0-synthetic-uniform-debug=tiny,trainer.max_epochs=3"
-    assert first.display_name == f"{first.run_group}-s5" and resumed.display_name == f"{first.display_name}-resume1"
+    assert first.display_name == f"{first.run_group}-s5"
+    assert resumed.display_name == "sgma-mit_b0-synthetic-uniform-debug=tiny,trainer.max_epochs=4-s5-resume1"
     assert re.fullmatch(rf"{first.run_id}-resume1-[0-9a-z]+", resumed.run_id), resumed.run_id
     config = run_config(resumed_dir)
     assert config["resumed_from"] == config["original_run_id"] == first.run_id and config["seed"] == 5
@@ -454,6 +457,7 @@ def test_resume_options_online_and_offline(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     node = {"offline": False, "name": "sgma-x-s1", "group": "sgma-x"}
     assert resume_options(node, "ab12cd34") == {"id": "ab12cd34", "resume": "allow"}  # online: W&B continues it
+    assert resume_options(node, "ab12cd34", "sgma-y")["group"] == "sgma-y"  # the followed run's group
     monkeypatch.setenv("WANDB_MODE", "offline")
     again = resume_options(node, "ab12cd34-resume1-x7y8")  # the resumed run's checkpoint, resumed in turn
     assert re.fullmatch(r"ab12cd34-resume2-[0-9a-z]+", again["id"]) and again["name"] == "sgma-x-s1-resume2"

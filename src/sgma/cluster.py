@@ -201,8 +201,10 @@ def refuse_sweep(err: Exception) -> SweepRefused:
     return SweepRefused(f"{type(err).__name__}: {err}")
 
 
-# what the submitit launchers take their resources from (conf/hydra/launcher/submitit_*.yaml)
-LAUNCHER_KEYS = ("trainer", "trainer.num_nodes", "trainer.devices", "trainer.accelerator", "slurm", "hydra.launcher")
+# what the submitit launchers take their resources from (conf/hydra/launcher/submitit_*.yaml): these keys and
+# groups exactly, and everything under the prefixes
+LAUNCHER_KEYS = ("trainer", "trainer.num_nodes", "trainer.devices", "trainer.accelerator", "slurm")
+LAUNCHER_PREFIXES = ("slurm.", "hydra.launcher.")
 
 
 def swept_launcher_keys(config: DictConfig) -> list[str]:
@@ -214,8 +216,7 @@ def swept_launcher_keys(config: DictConfig) -> list[str]:
     return [
         o.input_line
         for o in parsed
-        if o.is_sweep_override()
-        and any(o.key_or_group == k or o.key_or_group.startswith(f"{k}.") for k in LAUNCHER_KEYS)
+        if o.is_sweep_override() and (o.key_or_group in LAUNCHER_KEYS or o.key_or_group.startswith(LAUNCHER_PREFIXES))
     ]
 
 

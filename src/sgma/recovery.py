@@ -453,12 +453,14 @@ class ResumeState(Callback):
         self._pending: list[dict] | None = None
         self._module: torch.nn.Module | None = None
         self.wandb_id: str | None = None
+        self.wandb_group: str | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._module = pl_module
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 self.wandb_id = logger.version
+                self.wandb_group = (getattr(logger, "_wandb_init", None) or {}).get("group")
 
     def state_dict(self) -> dict:
         _, world = distributed_rank_and_size()
@@ -470,7 +472,7 @@ class ResumeState(Callback):
         else:
             states = [rng_state()]
         metrics = _metric_states(self._module) if self._module is not None else {}
-        return {"rng": states, "metrics": metrics, "wandb_id": self.wandb_id}
+        return {"rng": states, "metrics": metrics, "wandb_id": self.wandb_id, "wandb_group": self.wandb_group}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         states = checkpoint.get("callbacks", {})
@@ -482,6 +484,7 @@ class ResumeState(Callback):
         self._pending = state_dict.get("rng")
         # the live run's id wins: offline, a resumed run is a W&B run of its own, which the next resume follows
         self.wandb_id = self.wandb_id or state_dict.get("wandb_id")
+        self.wandb_group = self.wandb_group or state_dict.get("wandb_group")
         if self._module is not None and state_dict.get("metrics"):
             _set_metric_states(self._module, state_dict["metrics"])
 
@@ -596,7 +599,8 @@ def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
 
 def check_resume(stored: Mapping | None, current: Mapping, ckpt: Mapping, *, path: Path, force: bool) -> dict:
     """Refuse to resume ``ckpt`` (loaded from ``path``, trained with the config ``stored``) with a config that
-    trains something else; return what the resumed run needs from it: ``{"wandb_id", "epoch", "global_step"}``."""
+    trains something else; return what the resumed run needs from it: ``{"wandb_id", "wandb_group", "epoch",
+    "global_step"}``."""
     if stored is None:
         raise ValueError(
             f"ckpt_path={str(path)!r} has no stored sgma config: train.py resumes only checkpoints it wrote "
@@ -616,6 +620,7 @@ def check_resume(stored: Mapping | None, current: Mapping, ckpt: Mapping, *, pat
     state = ckpt.get("callbacks", {}).get(ResumeState.__qualname__, {})
     return {
         "wandb_id": state.get("wandb_id"),
+        "wandb_group": state.get("wandb_group"),
         "epoch": int(ckpt.get("epoch", 0)),
         "global_step": int(ckpt.get("global_step", 0)),
     }

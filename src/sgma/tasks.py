@@ -426,7 +426,9 @@ def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     # written once the data and the model are built: a setting they refuse leaves no config of a run that never ran
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
-    callbacks, loggers = callbacks_and_loggers(cfg, wandb_id=resumed.get("wandb_id"))
+    callbacks, loggers = callbacks_and_loggers(
+        cfg, wandb_id=resumed.get("wandb_id"), wandb_group=resumed.get("wandb_group")
+    )
     callbacks.append(StoreConfig(cfg_dict, dataset_facts(dm)))
     if dm.sampler == "mas":
         callbacks.append(RobustnessFeedback())

@@ -77,7 +77,9 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     return wrapped
 
 
-def callbacks_and_loggers(cfg: DictConfig, *, wandb_id: str | None = None) -> tuple[list[Callback], list[Logger]]:
+def callbacks_and_loggers(
+    cfg: DictConfig, *, wandb_id: str | None = None, wandb_group: str | None = None
+) -> tuple[list[Callback], list[Logger]]:
     """The configured callbacks and loggers; ``wandb_id``: the W&B run of the checkpoint a training run resumes
     (continued online, followed by a run of its own offline: :func:`sgma.wandb_media.resume_options`)."""
     loggers = []
@@ -88,6 +90,6 @@ def callbacks_and_loggers(cfg: DictConfig, *, wandb_id: str | None = None) -> tu
             from sgma.wandb_media import resume_options
 
             # merged, not passed as keywords: one of them is wandb.init's `config`, a name instantiate() takes itself
-            node = {**OmegaConf.to_container(node, resolve=True), **resume_options(node, wandb_id)}
+            node = {**OmegaConf.to_container(node, resolve=True), **resume_options(node, wandb_id, wandb_group)}
         loggers.append(instantiate(node))
     return instantiate_dict(cfg.get("callbacks")), loggers

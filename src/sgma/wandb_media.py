@@ -81,7 +81,7 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(offline=False, **kwargs)
 
 
-def resume_options(node: Mapping, wandb_id: str) -> dict[str, Any]:
+def resume_options(node: Mapping, wandb_id: str, group: str | None = None) -> dict[str, Any]:
     """What the W&B logger ``node`` of a training run resumed from a checkpoint of W&B run ``wandb_id`` gets on top
     of its config.
 
@@ -91,15 +91,19 @@ def resume_options(node: Mapping, wandb_id: str) -> dict[str, Any]:
     history (wandb issues #5865, #3841). So offline the resumed run is a run of its own in the same group, id
     ``<original id>-resume<k>-<random>``, name ``<name>-resume<k>``, with ``resumed_from`` (``wandb_id``) and
     ``original_run_id`` in its config; its curves go on from the checkpoint's step on ``trainer/global_step``.
+    Either way it keeps ``group``, the group of the run it follows (a resume that changes ``trainer.max_epochs``
+    would otherwise name another group).
     """
     offline = node.get("offline") or (node.get("mode") or os.environ.get("WANDB_MODE")) in ("offline", "dryrun")
     if not offline:
         log.info("resuming W&B run %s", wandb_id)
-        return {"id": wandb_id, "resume": "allow"}
+        return {"id": wandb_id, "resume": "allow", **({"group": group} if group else {})}
     resumed = RESUMED_ID.fullmatch(wandb_id)
     root, count = (resumed["root"], int(resumed["count"]) + 1) if resumed else (wandb_id, 1)
     # random: the same checkpoint resumed twice must not give two offline runs one id
-    options = {"id": f"{root}-resume{count}-{secrets.token_hex(3)}"}
+    options: dict[str, Any] = {"id": f"{root}-resume{count}-{secrets.token_hex(3)}"}
+    if group:
+        options["group"] = group
     options["config"] = {"resumed_from": wandb_id, "original_run_id": root}
     if node.get("name"):
         options["name"] = f"{node['name']}-resume{count}"
@@ -109,7 +113,7 @@ def resume_options(node: Mapping, wandb_id: str) -> dict[str, Any]:
         options["id"],
         options.get("name"),
         wandb_id,
-        node.get("group"),
+        options.get("group", node.get("group")),
     )
     return options
 
@@ -283,8 +287,8 @@ class WandbMedia(Callback):
     (``trainer.max_epochs``: the last one unless training stops early) and at test; ``panel_samples=0`` turns the
     panels off. The pattern table and bar chart come at every validation, confusion matrices at test.
     The MAS line plots are rebuilt from the recorded per-epoch values after each epoch; the record is kept in
-    checkpoints so a resumed run continues the curves (``last.ckpt``, written at the epoch's end, holds that epoch's
-    values; a best checkpoint, written at validation, comes before them: they stay in the scalar charts).
+    checkpoints so a resumed run continues the curves (up to the epoch before the checkpoint's: an epoch's values are
+    recorded when the next one starts; they stay in the scalar charts).
     """
 
     def __init__(

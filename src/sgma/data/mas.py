@@ -4,7 +4,7 @@ The MAS branch in the LightningModule trains one fragile modality alone per step
 the project's second half of MAS (docs/METHOD.md, "MAS"): a :class:`RobustnessMemory`, fed from training
 steps by a callback with SGF's robustness maps, and a :class:`MASSampler` that draws the next epoch's
 ``(sample index, pattern id)`` keys so that samples on which some modality is fragile come up more often,
-with patterns that favour that modality. Uniform robustness gives back plain uniform modality dropout.
+with patterns that favour that modality. Uniform robustness gives back the `missing` policy's own dropout.
 """
 
 from __future__ import annotations
@@ -401,7 +401,7 @@ def _check_knobs(*, floor: float, mix: float, temperature: float, warmup_epochs:
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"data.mas.floor must be in [0, 1] (the share of sampling kept uniform), got {floor}")
     if not 0.0 <= mix <= 1.0:
-        raise ValueError(f"data.mas.mix must be in [0, 1] (the share of patterns kept uniform), got {mix}")
+        raise ValueError(f"data.mas.mix must be in [0, 1] (the share of patterns from the missing policy), got {mix}")
     if not temperature > 0.0 or not math.isfinite(temperature):
         raise ValueError(f"data.mas.temperature must be a finite number > 0, got {temperature}")
     if isinstance(warmup_epochs, bool) or int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
