@@ -61,6 +61,7 @@ def test_notebook_executes_headless(sgma_ckpt, monkeypatch):
 def run_parameter_cell(monkeypatch, tmp_path, *, ckpt: str | None) -> dict:
     """The notebook's parameter cell run here, with ``logs/`` at ``tmp_path/logs``."""
     monkeypatch.setenv("SGMA_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.chdir(tmp_path)  # the cell moves to the checkout; the test's working folder is restored after it
     if ckpt is None:
         monkeypatch.delenv("SGMA_CKPT", raising=False)
     else:
@@ -91,6 +92,15 @@ def test_default_checkpoint_is_the_newest_and_printed(monkeypatch, tmp_path, cap
 
     chosen = fake_run(tmp_path, "chosen", 1_500_000_000)
     assert run_parameter_cell(monkeypatch, tmp_path, ckpt=str(chosen))["CKPT"] == chosen  # SGMA_CKPT wins
+
+
+def test_relative_checkpoint_path_is_relative_to_the_checkout(monkeypatch, tmp_path):
+    """README: SGMA_CKPT=logs/train/runs/<time>/checkpoints/last.ckpt jupyter lab notebooks/explore.ipynb, typed in
+    the checkout; Jupyter starts the kernel in notebooks/, where that path (and a relative data root) does not exist."""
+    ckpt = fake_run(tmp_path, "r1", 1_000_000_000)
+    relative = os.path.relpath(ckpt, REPO)
+    assert run_parameter_cell(monkeypatch, tmp_path, ckpt=relative)["CKPT"].resolve() == ckpt.resolve()
+    assert Path.cwd() == REPO
 
 
 def test_checkpoint_errors_say_how_to_set_it(monkeypatch, tmp_path):
