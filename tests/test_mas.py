@@ -191,3 +191,23 @@ def test_ddp_two_processes_with_mas_sampler(tmp_path):
     # 16 samples, 2 ranks x 2 batches of 4: each rank sees 8 samples, and rank 0's checkpoint holds all 16
     # only because the ranks' observations were all-reduced into one memory
     assert int((seen.sum(dim=1) > 0).sum()) == 16
+
+
+def test_ddp_small_shares_train_and_too_few_eval_pairs_are_refused(tmp_path):
+    """2 processes: 6 training samples give each rank 3, under one batch of 4, which train as one short batch (was:
+    every batch dropped, "total_steps must be >= 1"); scoring 1 (sample, pattern) pair on 2 processes is refused
+    with the fix (was: the empty rank failed in Lightning and the other died waiting)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "SGMA_LOG_DIR": str(tmp_path)}
+    run = tmp_path / "run"
+    args = ["debug=tiny", "trainer=ddp_cpu", "logger=csv", "test=false", "dataset.splits.train.num_samples=6"]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 1
+    args = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.devices=2", "trainer.accelerator=cpu",
+            "dataset=synthetic", "dataset.size=64", "dataset.splits.test.num_samples=1", "patterns=[rgb]",
+            f"hydra.run.dir={tmp_path / 'eval'}"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "1 (sample, pattern) pair(s) to score" in proc.stderr, proc.stderr[-4000:]
+    assert "trainer.devices=1 (x trainer.num_nodes) or fewer" in proc.stderr

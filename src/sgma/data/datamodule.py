@@ -162,7 +162,8 @@ class PatternGridSampler(Sampler[tuple[int, int]]):
     in a fixed order: a sample's keys come together, so :class:`IncompleteModalityDataset` reads it once.
 
     Under DDP each rank takes every world-size-th key with no padding, so every (pattern, sample) pair is
-    scored exactly once and the summed confusion matrices are exact.
+    scored exactly once and the summed confusion matrices are exact. Fewer pairs than ranks are refused: a rank
+    without any would leave the others waiting in the epoch-end reductions.
     """
 
     def __init__(self, num_samples: int, pattern_ids: Sequence[int]) -> None:
@@ -172,6 +173,12 @@ class PatternGridSampler(Sampler[tuple[int, int]]):
     def _keys(self) -> list[tuple[int, int]]:
         rank, world = distributed_rank_and_size()
         keys = [(index, pid) for index in range(self.num_samples) for pid in self.pattern_ids]
+        if len(keys) < world:
+            raise ValueError(
+                f"{len(keys)} (sample, pattern) pair(s) to score ({self.num_samples} sample(s) x "
+                f"{len(self.pattern_ids)} pattern(s)) on {world} processes, which each need one: score them with "
+                f"trainer.devices={max(1, len(keys))} (x trainer.num_nodes) or fewer, or more samples or patterns"
+            )
         return keys[rank::world]
 
     def __len__(self) -> int:
@@ -301,7 +308,9 @@ class MultiModalDataModule(L.LightningDataModule):
         data = self.dataset("train")
         if self.train_sampler is None:
             self.train_sampler = self._build_train_sampler(len(data))
-        return self._loader(data, self.train_sampler, self.batch_size, drop_last=len(data) >= self.batch_size)
+        # per rank: a rank's share smaller than one batch trains as one short batch (DDP shards are equal-length)
+        drop_last = len(self.train_sampler) >= self.batch_size
+        return self._loader(data, self.train_sampler, self.batch_size, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
