@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -77,7 +76,12 @@ def training_samples_per_second(modalities, *, size: int, batch_size: int, steps
 
 
 def full_tile_worker(size: int) -> None:
-    """Runs in a fresh process: one whole-tile inference; prints a json line with time and peak RSS."""
+    """Runs in a fresh process: one whole-tile inference; prints a json line with time and peak RSS.
+
+    Peaks are this process's ``VmHWM`` (/proc/self/status), in MiB: ``ru_maxrss`` is carried over fork and exec
+    on Linux, so it would report the parent's peak (the loader benchmark of part A) instead of this process's."""
+    from bench_fusion import _proc_status_kb
+
     from sgma.data.synthetic import MODALITIES
     from sgma.inference import sliding_window_logits
 
@@ -88,14 +92,14 @@ def full_tile_worker(size: int) -> None:
     inputs = {
         m.name: torch.from_numpy(rng.standard_normal((m.channels, size, size), dtype=np.float32)) for m in modalities
     }
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _proc_status_kb("VmHWM") / 1024
     start = time.perf_counter()
     with torch.inference_mode():
         logits = sliding_window_logits(
             net, inputs, [True] * 3, window=512, overlap=0.25, blend="gaussian", batch_size=4, num_classes=6
         )
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _proc_status_kb("VmHWM") / 1024
     print(
         json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_before, "shape": list(logits.shape)})
     )

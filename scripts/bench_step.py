@@ -674,10 +674,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     args.out.write_text(json.dumps({"results": [_plain(r) for r in results]}, indent=1))
     add_ratios(results)
     env = environment(args) | {"seconds": round(time.perf_counter() - started, 1)}
+    steps = "counts only, nothing timed" if args.counts_only else f"{args.warmup} warm-up + {args.iters} timed steps"
     print(
         f"device: {env.get('gpu', platform.processor() or env['machine'])}, torch {env['torch']}, "
         f"precision {args.precision}, compile {args.compile}, channels_last {args.channels_last}, "
-        f"{args.warmup} warm-up + {args.iters} timed steps, {env['seconds']} s\n"
+        f"{steps}, {env['seconds']} s\n"
     )
     print(markdown(results, args))
     if args.out:

@@ -96,8 +96,9 @@ class WarmupPolyLR(LambdaLR):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if (old.get("total_steps"), old.get("warmup_steps")) != (self.total_steps, self.warmup_steps):
             log.warning(
-                "resumed with a different schedule length (trainer.max_epochs changed?): total steps %s -> %d, "
-                "warm-up steps %s -> %d; step %d runs at lr %.3g (the old schedule's: %.3g), then the new schedule",
+                "resumed with a different schedule length (trainer.max_epochs or the number of devices changed?): "
+                "total steps %s -> %d, warm-up steps %s -> %d; step %d runs at lr %.3g (the old schedule's: %.3g), "
+                "then the new schedule",
                 old.get("total_steps", "unknown"),
                 self.total_steps,
                 old.get("warmup_steps", "unknown"),
