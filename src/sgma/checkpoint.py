@@ -266,14 +266,21 @@ def load_checkpoint(path: str | None) -> dict:
     if path is None:
         raise ValueError("ckpt_path=PATH is required: a checkpoint written by train.py (e.g. checkpoints/last.ckpt)")
     ckpt = load_checkpoint_safely(path, what="ckpt_path")
-    stored = ckpt.get(CHECKPOINT_KEY)
-    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or "state_dict" not in ckpt:
+    config = stored_config(ckpt)
+    if config is None or "state_dict" not in ckpt:
         raise CheckpointError(
             f"checkpoint ckpt_path={str(path)!r} has no stored sgma config; only checkpoints written by this "
             f"project's train.py can be used by eval.py, predict.py and the notebook"
         )
-    check_stored_targets(stored["config"], path=str(path))
+    check_stored_targets(config, path=str(path))
     return ckpt
+
+
+def stored_config(ckpt: dict) -> dict | None:
+    """The run config train.py stored in a loaded checkpoint (None: not one of its checkpoints)."""
+    stored = ckpt.get(CHECKPOINT_KEY)
+    config = stored.get("config") if isinstance(stored, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 @contextlib.contextmanager

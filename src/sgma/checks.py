@@ -4,7 +4,13 @@ never (``bool("no")`` is True), are refused when the data and model are built, b
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool: ``true`` would pass as 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_flag(key: str, value: Any) -> bool:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MaxMetric
 
-from sgma.checks import check_flag
+from sgma.checks import check_flag, is_number
 from sgma.losses import loss_on_rows
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
 from sgma.models.segmentor import MultiModalSegmentor
@@ -102,9 +102,7 @@ class SegmentationModule(L.LightningModule):
         self.class_names = list(class_names)
         self.exclude_classes = list(exclude_classes)
         probs = missing_probs if isinstance(missing_probs, Sequence) and not isinstance(missing_probs, str) else None
-        if probs is None or not all(
-            isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p < 1 for p in probs
-        ):
+        if probs is None or not all(is_number(p) and 0 <= p < 1 for p in probs):
             raise ValueError(
                 f"eval.missing_probs={missing_probs!r} must be a list of numbers in [0, 1), e.g. [0.1, 0.3, 0.5]"
             )
@@ -139,11 +137,9 @@ class SegmentationModule(L.LightningModule):
         self.test_split = "test"  # eval.py runs the test loop on any split and names the metrics after it
         check_flag("mas.branch", mas_branch)
         for key, value in (("mas.lambda_main", lambda_main), ("mas.lambda_mas", lambda_mas)):
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and value >= 0 and math.isfinite(value)):  # < 0 ascends that loss
+            if not (is_number(value) and value >= 0):  # < 0 ascends that loss
                 raise ValueError(f"{key}={value!r} must be a number >= 0 (the paper: lambda_main 2, lambda_mas 1)")
-        momentum = isinstance(mas_loss_momentum, int | float) and not isinstance(mas_loss_momentum, bool)
-        if not (momentum and 0 < mas_loss_momentum <= 1):
+        if not (is_number(mas_loss_momentum) and 0 < mas_loss_momentum <= 1):
             raise ValueError(
                 f"mas.loss_momentum={mas_loss_momentum!r} must be in (0, 1] (an EMA's weight of the new value)"
             )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from sgma.checks import is_number
 
 log = logging.getLogger("sgma")
 
@@ -56,15 +57,11 @@ class WarmupPolyLR(LambdaLR):
     def check_options(*, warmup_fraction: Any = 0.05, start_factor: Any = 0.1, power: Any = 0.9) -> None:
         """The ``scheduler.*`` values, checked when the scheduler is built and by train.py before the run starts
         (the scheduler itself is only built once training begins)."""
-
-        def number(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not (number(warmup_fraction) and 0 <= warmup_fraction < 1):
+        if not (is_number(warmup_fraction) and 0 <= warmup_fraction < 1):
             raise ValueError(f"scheduler.warmup_fraction={warmup_fraction!r} must be in [0, 1)")
-        if not (number(start_factor) and 0 < start_factor <= 1):
+        if not (is_number(start_factor) and 0 < start_factor <= 1):
             raise ValueError(f"scheduler.start_factor={start_factor!r} must be in (0, 1]")
-        if not (number(power) and power > 0):
+        if not (is_number(power) and power > 0):
             raise ValueError(f"scheduler.power={power!r} must be a number > 0")
 
     def factor(self, step: int) -> float:

@@ -32,7 +32,9 @@ from sgma.checkpoint import (
     load_checkpoint,
     load_checkpoint_safely,
     rebuilding_from,
+    stored_config,
 )
+from sgma.checks import is_number
 from sgma.cluster import RESUME_LAST, check_shared_run_dir, lightning_plugins, resume_checkpoint
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.figures import MetricHistory, write_plots
@@ -268,7 +270,7 @@ def _check_train_settings(cfg: DictConfig) -> None:
         raise ValueError("train=false test=false: nothing to do; use train=true to train, or test=true ckpt_path=PATH")
     # the optimizer and the schedule are only built once training starts: their values are checked now
     lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
-    if lr is not None and not (isinstance(lr, int | float) and not isinstance(lr, bool) and 0 < lr < math.inf):
+    if lr is not None and not (is_number(lr) and lr > 0):
         raise ValueError(f"optimizer.lr={lr!r} must be a number > 0")
     scheduler = cfg.get("scheduler")
     if scheduler and scheduler.get("_target_") == f"{WarmupPolyLR.__module__}.{WarmupPolyLR.__name__}":
@@ -336,7 +338,7 @@ def check_weights_fit(module: SegmentationModule, ckpt: dict, *, path: Path, con
     reshaped = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
     if not (missing or unexpected or reshaped):
         return
-    stored = ckpt.get(CHECKPOINT_KEY, {}).get("config") if isinstance(ckpt.get(CHECKPOINT_KEY), dict) else None
+    stored = stored_config(ckpt)
     compared = resume_differences(stored, config) if stored else []
     diffs = [d for d in compared if d.startswith(("model.", "backbone.", "dataset."))]
     parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("unexpected", unexpected),
@@ -350,7 +352,7 @@ def check_weights_fit(module: SegmentationModule, ckpt: dict, *, path: Path, con
 
 def _resume_info(cfg: DictConfig, path: Path, cfg_dict: dict, ckpt: dict) -> dict:
     """Refuse to resume a checkpoint trained with another config."""
-    stored = ckpt.get(CHECKPOINT_KEY, {}).get("config") if isinstance(ckpt.get(CHECKPOINT_KEY), dict) else None
+    stored = stored_config(ckpt)
     info = check_resume(stored, cfg_dict, ckpt, path=path, force=bool(cfg.get("resume_force", False)))
     log.info(
         "resuming %s from epoch %d, step %d (trainer.max_epochs=%s)",

@@ -37,10 +37,6 @@ class MissingPolicy:
         """(P,) probability of each pattern in one draw; the MAS sampler reweights this law (never its zeros)."""
         raise NotImplementedError
 
-    def support(self) -> np.ndarray:
-        """Ids of the patterns this policy can draw."""
-        return np.flatnonzero(self.law() > 0)
-
 
 class UniformPatterns(MissingPolicy):
     """Uniform over the given patterns (default: all 2^M - 1 non-empty ones) per sample: the paper's recipe."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import Tensor, nn
 
-from sgma.checks import check_count
+from sgma.checks import check_count, is_number
 
 
 @torch.library.custom_op("sgma::resize_bilinear", mutates_args=())
@@ -75,7 +75,7 @@ class SegFormerHead(nn.Module):
         super().__init__()
         assert len(in_channels) == 4, f"SegFormer head needs 4 scales, got {list(in_channels)}"
         self.channels = check_count("model.decoder_channels", channels, " (the SegFormer head's width, e.g. 256)")
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        if not (is_number(dropout) and 0 <= dropout < 1):
             raise ValueError(f"model.dropout={dropout!r} must be in [0, 1) (the share of decoder channels dropped)")
         self.decoder = SegformerDecoder(
             encoder_channels=[0, 0, *in_channels], encoder_depth=5, segmentation_channels=channels
