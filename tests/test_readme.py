@@ -349,6 +349,10 @@ def serve() -> None:
             job, start = running.pop(pid)
             rc = os.waitstatus_to_exitcode(status)
             print(json.dumps({"key": job["key"], "rc": rc, "seconds": round(time.monotonic() - start, 1)}), flush=True)
+            busy = [*pending, *(other for other, _ in running.values())]
+            if job.get("prune") and not any(other["cwd"] == job["cwd"] for other in busy):
+                for ckpt in Path(job["cwd"]).rglob("*.ckpt"):  # the checks read tables and predictions only
+                    ckpt.unlink()
 
 
 def _child(job: dict, threads: int) -> None:
@@ -465,9 +469,9 @@ def _run_readme(tmp_path: Path, *, slow: bool) -> None:
         env = {**ENV, "SGMA_LOG_DIR": str(p.cwd / "logs"), **p.env}
         for i, argv in enumerate(p.argvs):
             log = str(p.cwd / f"out{i}.log")
-            jobs.append(
-                {"key": f"{i}:{p.command}", "phase": 1, "argv": argv, "cwd": str(p.cwd), "env": env, "log": log}
-            )
+            # prune: its checkpoints (~50 MB each, 3.5 GB over the README) go when the command's last job ends
+            job = {"key": f"{i}:{p.command}", "phase": 1, "argv": argv, "cwd": str(p.cwd), "env": env, "log": log}
+            jobs.append(job | {"prune": True})
     results = run_jobs(jobs)
     for name in ws.setup:
         if results[f"setup:{name}"]["rc"] != 0:
