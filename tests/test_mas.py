@@ -162,6 +162,43 @@ def test_robustness_memory_survives_resume(tmp_path):
     assert resumed.epoch == 1
 
 
+def _train_one_step_on_rank(rank: int, world: int, tmp_path: Path) -> None:
+    """A rank of a real gloo process group: one mas_only training step on this rank's own batch, then the epoch
+    means; saves what the parent test compares."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=world
+    )
+    try:
+        _, dm, module = _module(tmp_path / f"rank{rank}", "model=mas_only")
+        module.train()
+        torch.manual_seed(rank)  # different draws on each rank, of different samples and patterns
+        batch = {k: v[rank * 4 : rank * 4 + 4] for k, v in batch_of(dm, [6, 6, 6, 6, 3, 5, 0, 6]).items()}
+        module.training_step(batch, 0)
+        sums = {name: [t.clone() for t in pair] for name, pair in module._epoch_sums.items()}
+        torch.save({"ema": module.mas_loss_ema.clone(), "sums": sums, "means": module._epoch_means()},
+                   tmp_path / f"rank{rank}.pt")  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_pool_the_loss_fragility_and_the_epoch_means(tmp_path):
+    """Under DDP every rank's samples count: the loss-based fragility EMA (model=mas_only) is updated from all
+    ranks' losses, so the ranks agree (DDP used to broadcast rank 0's EMA, which had seen rank 0's samples only),
+    and the epoch means of the losses and MAS draws pool the ranks' sums (they were rank 0's)."""
+    torch.multiprocessing.spawn(_train_one_step_on_rank, args=(2, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert torch.equal(ranks[0]["ema"], ranks[1]["ema"])
+    assert not torch.equal(ranks[0]["ema"], torch.ones_like(ranks[0]["ema"]))  # it did move
+    assert ranks[0]["means"] == ranks[1]["means"]
+    for name, key in (("losses", "train/loss_main"), ("mas_drawn", "train/mas/drawn_rgb")):
+        column = 0  # loss_main / rgb
+        total = sum(float(r["sums"][name][0][column]) for r in ranks)
+        count = sum(float(r["sums"][name][1]) for r in ranks)
+        assert ranks[0]["means"][key] == pytest.approx(total / count)
+        alone = float(ranks[0]["sums"][name][0][column]) / float(ranks[0]["sums"][name][1])
+        assert ranks[0]["means"][key] != pytest.approx(alone)  # rank 0's own mean differs from the pooled one
+
+
 def test_ddp_two_processes_with_mas_sampler(tmp_path):
     """A real 2-process DDP run on CPU (gloo): one epoch with the MAS sampler, memory synced across ranks."""
     env = {**os.environ, "WANDB_MODE": "offline", "SGMA_LOG_DIR": str(tmp_path)}
@@ -199,7 +236,14 @@ def test_ddp_small_shares_train_and_too_few_eval_pairs_are_refused(tmp_path):
     with the fix (was: the empty rank failed in Lightning and the other died waiting)."""
     env = {**os.environ, "WANDB_MODE": "offline", "SGMA_LOG_DIR": str(tmp_path)}
     run = tmp_path / "run"
-    args = ["debug=tiny", "trainer=ddp_cpu", "logger=csv", "test=false", "dataset.splits.train.num_samples=6"]
+    args = [
+        "debug=tiny",
+        "trainer=ddp_cpu",
+        "logger=csv",
+        "test=false",
+        "dataset.splits.train.num_samples=6",
+        "model=mas_only",
+    ]  # its loss-based fragility all-reduces every step: that must not hang DDP
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

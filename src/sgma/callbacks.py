@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch import Callback
+
+from sgma.data.sharding import sum_over_ranks
 
 
 class RobustnessFeedback(Callback):
@@ -35,15 +36,6 @@ class RobustnessFeedback(Callback):
         sampler = self._sampler(trainer)
         if sampler is None:
             return
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            # gloo reduces CPU tensors; NCCL needs them on the rank's GPU
-            device = pl_module.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            t = t.to(device)
-            torch.distributed.all_reduce(t)
-            return t.cpu()
-
         names = [m.name for m in trainer.datamodule.modalities]
         values = {}
         for prefix, probs in (  # before the commit: the memory this epoch's draw read
@@ -51,7 +43,7 @@ class RobustnessFeedback(Callback):
             ("fragile", sampler.fragile_modality_share()),
         ):
             values.update({f"mas/{prefix}_{n}": float(p) for n, p in zip(names, probs, strict=True)})
-        sampler.memory.commit(all_reduce=all_reduce if distributed else None)
+        sampler.memory.commit(all_reduce=lambda stacked: sum_over_ranks(stacked)[0])
         observed = sampler.memory.values
         values.update({f"mas/rho_{n}": float(observed[:, i].mean()) for i, n in enumerate(names)})
         pl_module.log_dict(values, on_step=False, on_epoch=True)

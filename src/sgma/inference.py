@@ -47,7 +47,7 @@ from torch import Tensor
 from sgma.builders import build_datamodule, build_module, device_for
 from sgma.checkpoint import CHECKPOINT_KEY, load_checkpoint, rebuilding_from
 from sgma.data.preprocess import TRANSFORMS, apply_input_transform
-from sgma.data.sharding import distributed_rank_and_size
+from sgma.data.sharding import distributed_rank_and_size, sum_over_ranks
 from sgma.data.tiles import check_crop_size, grid_starts
 from sgma.metrics import PatternConfusion, PatternReport, build_report
 from sgma.modalities import Modality, pattern_mask
@@ -317,24 +317,6 @@ class TileProgress:
             len(self.windows),
             self._timing(),
         )
-
-
-def sum_over_ranks(*tensors: Tensor) -> list[Tensor]:
-    """Integer tensors summed over the ranks of the process group with ONE all_reduce, on the device its backend
-    communicates from (gloo: CPU; nccl: this rank's GPU); returned on their own devices. Outside torch.distributed,
-    the tensors as they are."""
-    _, world = distributed_rank_and_size()
-    if world == 1:
-        return list(tensors)
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64) for t in tensors])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    out, begin = [], 0
-    for t in tensors:
-        out.append(flat[begin : begin + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
-        begin += t.numel()
-    return out
 
 
 def evaluate_full_tiles(

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MaxMetric
 
 from sgma.checks import check_flag, is_number
+from sgma.data.sharding import sum_over_ranks
 from sgma.losses import loss_on_rows
 from sgma.metrics import IGNORE_INDEX, PatternConfusion, PatternReport, build_report
 from sgma.models.segmentor import MultiModalSegmentor
@@ -189,8 +190,10 @@ class SegmentationModule(L.LightningModule):
         if self.mas_branch:
             loss_mas = self._mas_branch(prepared, available, mask, out_size, robustness)
             loss = loss + self.lambda_mas * loss_mas
-            self.log("train/loss_main", loss_main, on_step=False, on_epoch=True, batch_size=bs)
-            self.log("train/loss_mas", loss_mas, on_step=False, on_epoch=True, batch_size=bs)
+            # epoch means with the others, over every DDP rank (not `sync_dist`: Lightning's progress bar computes
+            # such a mean on rank 0 alone at the epoch end, and rank 0 then waits there for the other ranks)
+            losses = torch.stack([loss_main.detach().float(), loss_mas.detach().float()])
+            self._accumulate("losses", losses * bs, losses.new_full((), bs))
         self._watch_loss(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         return {"loss": loss, "robustness": None if robustness is None else robustness.detach()}
@@ -279,8 +282,9 @@ class SegmentationModule(L.LightningModule):
                 valid = (mask != self.ignore_index).float()
                 per_sample = (per_pixel * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
                 weight = alone.float() * rows[:, None]  # (B, M)
-                count = weight.sum(dim=0)
-                mean_loss = (weight * per_sample[:, None]).sum(dim=0) / count.clamp(min=1)
+                # every DDP rank's samples (DDP would otherwise keep rank 0's EMA: it broadcasts buffers)
+                total, count = sum_over_ranks((weight * per_sample[:, None]).sum(dim=0), weight.sum(dim=0))
+                mean_loss = total / count.clamp(min=1)
                 update = (count > 0) & torch.isfinite(mean_loss)
                 self.mas_loss_ema.copy_(
                     torch.where(update, self.mas_loss_ema.lerp(mean_loss, self.mas_loss_momentum), self.mas_loss_ema)
@@ -320,14 +324,19 @@ class SegmentationModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()
-        self._log_epoch_means()
+        values = self._epoch_means()
+        if values:
+            self.log_dict(values, on_step=False, on_epoch=True)
 
-    def _log_epoch_means(self) -> None:
-        """Log the epoch's MAS and robustness means: one transfer from the device for all of them."""
+    def _epoch_means(self) -> dict[str, float]:
+        """The epoch's loss, MAS and robustness means over every DDP rank's samples (one all_reduce and one
+        transfer from the device for all of them; every rank holds the same sums: the model decides which);
+        the sums start again."""
         if not self._epoch_sums:
-            return
+            return {}
         names = list(self._epoch_sums)
-        flat = torch.cat([t.detach().float().reshape(-1) for name in names for t in self._epoch_sums[name]]).tolist()
+        flat = torch.cat([t.detach().float().reshape(-1) for name in names for t in self._epoch_sums[name]])
+        flat = sum_over_ranks(flat)[0].tolist()
         values: dict[str, float] = {}
         for name in names:
             total, count = self._epoch_sums[name]
@@ -342,9 +351,10 @@ class SegmentationModule(L.LightningModule):
             elif name == "mas_drawn" and counts[0] > 0:  # totals (M,), counts ()
                 for i, modality in enumerate(self.modality_names):
                     values[f"train/mas/drawn_{modality}"] = totals[i] / counts[0]
+            elif name == "losses":  # totals (2,) batch-size-weighted, counts () samples
+                values["train/loss_main"], values["train/loss_mas"] = (t / counts[0] for t in totals)
         self._epoch_sums = {}
-        if values:
-            self.log_dict(values, on_step=False, on_epoch=True)
+        return values
 
     # evaluation -----------------------------------------------------------------------------------------
     def _eval_step(self, loop: str, split: str, batch: dict[str, Tensor]) -> None:

@@ -24,6 +24,26 @@ def distributed_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
+def sum_over_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors summed over the ranks of the process group with ONE all_reduce, on the device its backend
+    communicates from (gloo: CPU; nccl: this rank's GPU), in int64 (or float64 when any is floating, exact for
+    counts below 2**53); returned in their own dtypes on their own devices. Every rank must call it with the
+    same shapes. Outside torch.distributed, the tensors as they are."""
+    _, world = distributed_rank_and_size()
+    if world == 1:
+        return list(tensors)
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    dtype = torch.float64 if any(t.is_floating_point() for t in tensors) else torch.int64
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    out, begin = [], 0
+    for t in tensors:
+        out.append(flat[begin : begin + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
+        begin += t.numel()
+    return out
+
+
 def equal_shard(keys: list, rank: int, world_size: int) -> list:
     """Rank ``rank``'s share of an epoch's keys: disjoint positions, equal lengths (the list is padded by
     wrapping around, so every rank runs the same number of steps, as DDP requires)."""
