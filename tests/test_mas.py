@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,12 @@ def test_ddp_two_processes_with_mas_sampler(tmp_path):
     # 16 samples, 2 ranks x 2 batches of 4: each rank sees 8 samples, and rank 0's checkpoint holds all 16
     # only because the ranks' observations were all-reduced into one memory
     assert int((seen.sum(dim=1) > 0).sum()) == 16
+    # the rank-pooled epoch means are logged, and Lightning's sync_dist hint (once per metric name) is left only
+    # for the one value that is rank 0's (every evaluation metric and MAS mean is equal on every rank)
+    header = next((run / "csv").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"train/loss_main", "train/loss_mas", "train/mas/drawn_rgb", "train/robustness/s1/rgb"} <= set(header)
+    hinted = set(re.findall(r"It is recommended to use `self\.log\('([^']*)'", proc.stderr))
+    assert hinted <= {"train/loss"}, hinted
 
 
 def test_ddp_small_shares_train_and_too_few_eval_pairs_are_refused(tmp_path):

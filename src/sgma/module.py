@@ -23,6 +23,13 @@ from sgma.models.segmentor import MultiModalSegmentor
 warnings.filterwarnings(
     "ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in"
 )
+# Under DDP Lightning recommends `sync_dist=True` for each unsynced epoch-level value, one line per name (over a
+# hundred per evaluation). Ours are equal on every rank by construction: the pattern and summary metrics come from
+# the all-reduced confusion matrices (`<split>/<pattern or summary>/<metric>`), the MAS and robustness means and
+# `train/loss_main|mas` from all-reduced sums. The hint stays for any other name (`train/loss` is rank 0's mean).
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(?:[^'/]+/[^'/]+/[^']+|mas/[^']+|train/loss_ma(?:in|s))'"
+)
 
 
 def rows_from(keep: Tensor) -> Tensor:
