@@ -31,13 +31,13 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from conftest import REPO, bind_to, compose_config
-from sgma.cluster import SLURM_LAUNCHER, LauncherCheck, check_shared_run_dir, resume_checkpoint
+from sgma.cluster import SLURM_LAUNCHER, LauncherCheck, check_shared_run_dir, resume_checkpoint, scheduler_job
 from sgma.config import CONFIG_DIR, register_configs
 from sgma.data.fake import make_fake_potsdam
 from sgma.inference import TileProgress, evaluate_full_tiles
 from sgma.modalities import Modality, all_patterns
 from sgma.models.segmentor import SegmentorOutput
-from sgma.recovery import LAST
+from sgma.recovery import LAST, ResumeState
 from sgma.summary import summarise
 from sgma.utils import instantiate
 
@@ -182,9 +182,16 @@ def test_ckpt_path_last_in_the_runs_own_new_folder_warns(tmp_path, monkeypatch, 
     GlobalHydra.instance().clear()
 
 
+def _checkpoint_by(path: Path, job: str | None) -> None:
+    """A checkpoint file as ResumeState records its writer (the rest of a checkpoint plays no part here)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"callbacks": {ResumeState.__qualname__: {"job": job}}}, path)
+
+
 def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
-    for name in ("SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR"):
+    for name in ("SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID", raising=False)
     last = tmp_path / "checkpoints" / LAST
     assert resume_checkpoint(None, tmp_path) is None
     assert resume_checkpoint("some/file.ckpt", tmp_path) == "some/file.ckpt"
@@ -194,17 +201,45 @@ def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="sgma"):
         assert resume_checkpoint(None, tmp_path) is None
     assert "SLURM job 123 (restart 1), but" in caplog.text and "hydra.run.dir" in caplog.text
-    last.parent.mkdir()
-    last.write_bytes(b"")
+    _checkpoint_by(last, scheduler_job())
     assert resume_checkpoint(None, tmp_path) == str(last)  # the requeued job continues
     assert resume_checkpoint("last", tmp_path) == str(last)
     # a job started from another run's checkpoint continues from its own after a requeue, not from that one again
     assert resume_checkpoint("other/run/last.ckpt", tmp_path) == str(last)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    assert resume_checkpoint(None, tmp_path) is None  # a first attempt never picks up a folder's checkpoint
-    assert resume_checkpoint("other/run/last.ckpt", tmp_path) == "other/run/last.ckpt"
+    # a first attempt never picks up a folder's checkpoint, and does not train over it
+    with pytest.raises(FileExistsError, match="training from scratch would overwrite the checkpoints of the run in"):
+        resume_checkpoint(None, tmp_path)
+    with pytest.raises(FileExistsError, match=r"training from ckpt_path=other/run/last\.ckpt would overwrite"):
+        resume_checkpoint("other/run/last.ckpt", tmp_path)
+    assert resume_checkpoint(None, tmp_path, fit=False) is None  # testing writes no checkpoint
+    earlier = str(last.with_name("epoch_003.ckpt"))
+    assert resume_checkpoint(earlier, tmp_path) == earlier  # the run again from one of its own checkpoints
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-    assert resume_checkpoint(None, tmp_path) == str(last)  # a submitit job's folder is its own
+    assert resume_checkpoint(None, tmp_path) == str(last)  # a submitit job's folder is its own: job 123 wrote it
+    # another job in that folder (the sweep launched again into the same hydra.sweep.dir) neither resumes the
+    # earlier job's checkpoint nor overwrites it, unless told to resume it
+    monkeypatch.setenv("SLURM_JOB_ID", "456")
+    for ckpt_path in (None, "other/run/last.ckpt"):
+        with pytest.raises(FileExistsError, match=r"written by SLURM job 123, not by this job \(SLURM job 456\)"):
+            resume_checkpoint(ckpt_path, tmp_path)
+    assert resume_checkpoint("last", tmp_path) == str(last)
+    _checkpoint_by(last, None)  # a run outside any scheduler wrote it
+    with pytest.raises(FileExistsError, match="written by a run outside this scheduler"):
+        resume_checkpoint(None, tmp_path)
+
+
+def test_a_local_submitit_job_is_known_by_its_controller_process(monkeypatch):
+    """submitit's local controller restarts a requeued job's tasks with the same SUBMITIT_LOCAL_JOB_ID (its own
+    process id); the start time tells that process from a later one with a reused id."""
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+    job = scheduler_job()
+    assert job.startswith(f"submitit local job {os.getpid()} on ") and "(started at tick ?)" not in job
+    assert scheduler_job() == job
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", str(os.getppid()))
+    assert scheduler_job() != job
 
 
 def test_time_limit_signal_saves_then_ckpt_path_last_resumes(tmp_path):
@@ -276,6 +311,15 @@ def test_submitit_local_sweep_runs_jobs_in_parallel(tmp_path):
     assert len(summary.settings) == 1 and cell.n == 2 and cell.std == pytest.approx(np.std(avg, ddof=1))
     assert "Sweep summary" in proc.stdout and "| 1, 2 | 2 |" in proc.stdout  # printed by the callback
     assert all((sweep / name).is_file() for name in ("summary.md", "summary.csv", "summary.png"))
+    # the same sweep launched again into that folder: its jobs find the first sweep's checkpoints, written by other
+    # jobs, and stop instead of resuming them as if requeued (or training over them)
+    checkpoints = {p: p.read_bytes() for p in sweep.glob("*/checkpoints/*.ckpt")}
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(tmp_path),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 1, (again.stdout + again.stderr)[-3000:]
+    assert re.search(r"sweep/0/checkpoints/last\.ckpt was written by submitit local job \d+ on .*, not by this job "
+                     r"\(submitit local job \d+ on", again.stderr), again.stderr[-3000:]  # fmt: skip
+    assert len(checkpoints) >= 4 and {p: p.read_bytes() for p in sweep.glob("*/checkpoints/*.ckpt")} == checkpoints
 
 
 # ------------------------------------------------------------------------------------------ Optuna

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from hydra.experimental.callback import Callback
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from sgma.recovery import LAST, TrainingInterrupted
+from sgma.checkpoint import load_checkpoint_safely
+from sgma.recovery import LAST, ResumeState, TrainingInterrupted
 
 # conf/hydra/default.yaml names run and sweep folders ${now:%Y-%m-%d_%H-%M-%S_%f}
 TIMESTAMPED = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}")
@@ -71,27 +73,75 @@ def restarted_job() -> str | None:
     return None
 
 
-def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
+def scheduler_job() -> str | None:
+    """This job's id at its scheduler, the same across its restarts, or None outside one: SLURM's (also under
+    submitit's SLURM executor), or submitit's local job id, the process that starts and restarts the job's tasks
+    (with the host and that process's start time: process ids are reused)."""
+    slurm = slurm_job_id()
+    if slurm is not None:
+        return f"SLURM job {slurm}"
+    local = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    if local is None:
+        return None
+    try:  # field 22 of /proc/<pid>/stat, counted after the command name (which may hold spaces)
+        started = Path(f"/proc/{local}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"submitit local job {local} on {socket.gethostname()} (started at tick {started})"
+
+
+def checkpoint_job(path: Path) -> str | None:
+    """The scheduler job that wrote the checkpoint at ``path`` (:class:`~sgma.recovery.ResumeState` records it),
+    None for a run outside a scheduler (or a checkpoint from before that record)."""
+    states = load_checkpoint_safely(path, what="the run folder's checkpoint").get("callbacks", {})
+    return (states.get(ResumeState.__qualname__) or {}).get("job")
+
+
+def _not_this_jobs(last: Path, written_by: str | None) -> FileExistsError:
+    return FileExistsError(
+        f"{last} was written by {written_by or 'a run outside this scheduler'}, not by this job ({scheduler_job()}): "
+        "a new job (a sweep launched again into the same hydra.sweep.dir?) must neither resume nor overwrite another "
+        "job's run. Launch it into a new folder (leave hydra.sweep.dir / hydra.run.dir unset for a timestamped one), "
+        f"delete {last.parent.parent}, or resume that checkpoint on purpose with ckpt_path=last"
+    )
+
+
+def resume_checkpoint(ckpt_path: Any, run_dir: Path, *, fit: bool = True) -> str | None:
     """The checkpoint ``train()`` resumes from: ``ckpt_path`` as given, or ``run_dir/checkpoints/last.ckpt`` for
     ``ckpt_path=last`` and for a restarted job (None: a fresh start).
 
     A restarted job runs the same command in the same folder (submitit's job folder, or the ``hydra.run.dir`` of an
     sbatch script), so its ``last.ckpt`` is where it stopped: submitit jobs and jobs with SLURM_RESTART_COUNT >= 1
     resume from it without being told, also when the command names another ``ckpt_path`` (the one the job first
-    started from; resuming that again would throw away every requeue's progress). Each case is logged.
+    started from; resuming that again would throw away every requeue's progress). Each case is logged. The
+    checkpoint must have been written by this very job (:func:`checkpoint_job`); another job's, e.g. of an earlier
+    sweep into the same folder, is refused (FileExistsError), as is training (``fit``) from scratch or from another
+    checkpoint in a folder that holds a ``last.ckpt``: either would overwrite that run's checkpoints.
     """
     last = run_dir / "checkpoints" / LAST
     restart = restarted_job()
     submitit = os.environ.get("SUBMITIT_EXECUTOR")  # a submitit job: its folder is its own, across restarts
+    why = restart or (f"submitit ({submitit}) job" if submitit else None)
     if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
-        if (restart or submitit) and last.is_file() and last.resolve() != Path(str(ckpt_path)).resolve():
-            why = restart or f"submitit ({submitit}) job restarted"
+        if not last.is_file() or last.resolve() == Path(str(ckpt_path)).resolve():
+            return str(ckpt_path)
+        if why is None and Path(str(ckpt_path)).resolve().parent == last.parent.resolve():
+            return str(ckpt_path)  # this run again from one of its own earlier checkpoints
+        if why is not None and (written_by := checkpoint_job(last)) == scheduler_job():
             log.info("%s: resuming from its own %s, not ckpt_path=%s (where it first started)", why, last, ckpt_path)
             return str(last)
+        if why is not None:
+            raise _not_this_jobs(last, written_by)
+        if fit:
+            raise _folder_in_use(last, f"training from ckpt_path={ckpt_path}")
         return str(ckpt_path)
-    if ckpt_path is None and restart is None and not submitit:
+    if ckpt_path is None and why is None:
+        if fit and last.is_file():
+            raise _folder_in_use(last, "training from scratch")
         return None
-    why = "ckpt_path=last" if ckpt_path is not None else (restart or f"submitit ({submitit}) job restarted")
+    if ckpt_path is None and last.is_file() and (written_by := checkpoint_job(last)) != scheduler_job():
+        raise _not_this_jobs(last, written_by)
+    why = "ckpt_path=last" if ckpt_path is not None else why
     if last.is_file():
         log.info("%s: resuming from %s", why, last)
         return str(last)
@@ -112,6 +162,14 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path) -> str | None:
             last,
         )
     return None
+
+
+def _folder_in_use(last: Path, doing: str) -> FileExistsError:
+    return FileExistsError(
+        f"{doing} would overwrite the checkpoints of the run in {last.parent.parent} ({last} exists). Resume that run "
+        "with ckpt_path=last, train in a new folder (leave hydra.run.dir unset for a timestamped one, or name "
+        f"another), or delete {last.parent} first"
+    )
 
 
 def fresh_default_folder(run_dir: Path) -> bool:

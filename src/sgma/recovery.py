@@ -446,10 +446,13 @@ class ResumeState(Callback):
     - the module's torchmetrics states (the best validation score so far), which are not in its state_dict;
     - the ModelCheckpoint callbacks' top-k bookkeeping, carried into the resumed run's folder
       (:func:`_adopt_checkpoints`);
-    - the W&B run id, which ``train()`` reads to continue that W&B run (online) or follow it (offline).
+    - the W&B run id, which ``train()`` reads to continue that W&B run (online) or follow it (offline);
+    - the scheduler ``job`` that writes it (:func:`sgma.cluster.scheduler_job`): a requeued job resumes only a
+      checkpoint of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, job: str | None = None) -> None:
+        self.job = job
         self._pending: list[dict] | None = None
         self._module: torch.nn.Module | None = None
         self.wandb_id: str | None = None
@@ -472,7 +475,13 @@ class ResumeState(Callback):
         else:
             states = [rng_state()]
         metrics = _metric_states(self._module) if self._module is not None else {}
-        return {"rng": states, "metrics": metrics, "wandb_id": self.wandb_id, "wandb_group": self.wandb_group}
+        return {
+            "rng": states,
+            "metrics": metrics,
+            "wandb_id": self.wandb_id,
+            "wandb_group": self.wandb_group,
+            "job": self.job,
+        }
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         states = checkpoint.get("callbacks", {})

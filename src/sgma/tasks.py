@@ -35,7 +35,7 @@ from sgma.checkpoint import (
     stored_config,
 )
 from sgma.checks import is_number
-from sgma.cluster import RESUME_LAST, check_shared_run_dir, lightning_plugins, resume_checkpoint
+from sgma.cluster import RESUME_LAST, check_shared_run_dir, lightning_plugins, resume_checkpoint, scheduler_job
 from sgma.data.datamodule import MultiModalDataModule
 from sgma.figures import MetricHistory, write_plots
 from sgma.inference import evaluate_full_tiles, tiled_base
@@ -408,7 +408,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     fit = bool(cfg.get("train", True))
     out_dir = Path(cfg.paths.output_dir)
-    resume = _check_checkpoint_path(resume_checkpoint(cfg.get("ckpt_path"), out_dir), what="ckpt_path")
+    resume = _check_checkpoint_path(resume_checkpoint(cfg.get("ckpt_path"), out_dir, fit=fit), what="ckpt_path")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = resolved_dict(cfg)
     # a crafted or damaged file is refused here, with a clear message, before Lightning unpickles it
@@ -436,7 +436,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         callbacks.append(RobustnessFeedback())
     history = MetricHistory()  # after RobustnessFeedback: it records the MAS values that one logs
     callbacks.append(history)
-    callbacks.append(ResumeState())
+    callbacks.append(ResumeState(job=scheduler_job()))
     interrupt = CheckpointOnSignal(out_dir / "checkpoints")
     checkpointing = cfg.trainer.get("enable_checkpointing", True)
     if checkpointing:  # Lightning refuses Checkpoint callbacks otherwise; without it stop_on_signal stops at once
