@@ -26,6 +26,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log to
     >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 BENCH=("$PY" scripts/bench_step.py --device cuda --precision bf16 --shapes 512x8)
+rm -rf /tmp/main_cg /tmp/main_eager  # a second visit on a still-warm machine: train.py refuses a used run folder
 
 # 1. The main job under CUDA graphs with one encoder graph (target: the whole job < 45 s); Lightning's simple
 #    profiler prints where the time went.

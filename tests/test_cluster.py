@@ -208,13 +208,17 @@ def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
     assert resume_checkpoint("other/run/last.ckpt", tmp_path) == str(last)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     # a first attempt never picks up a folder's checkpoint, and does not train over it
-    with pytest.raises(FileExistsError, match="training from scratch would overwrite the checkpoints of the run in"):
+    with pytest.raises(FileExistsError, match=r"training from scratch would overwrite the run in .* holds last\.ckpt"):
         resume_checkpoint(None, tmp_path)
     with pytest.raises(FileExistsError, match=r"training from ckpt_path=other/run/last\.ckpt would overwrite"):
         resume_checkpoint("other/run/last.ckpt", tmp_path)
     assert resume_checkpoint(None, tmp_path, fit=False) is None  # testing writes no checkpoint
     earlier = str(last.with_name("epoch_003.ckpt"))
     assert resume_checkpoint(earlier, tmp_path) == earlier  # the run again from one of its own checkpoints
+    last.rename(last.with_name("epoch_007.ckpt"))  # save_last=false: any checkpoint is the run's
+    with pytest.raises(FileExistsError, match=r"holds epoch_007\.ckpt"):
+        resume_checkpoint(None, tmp_path)
+    last.with_name("epoch_007.ckpt").rename(last)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     assert resume_checkpoint(None, tmp_path) == str(last)  # a submitit job's folder is its own: job 123 wrote it
     # another job in that folder (the sweep launched again into the same hydra.sweep.dir) neither resumes the
@@ -224,9 +228,20 @@ def test_restarted_jobs_resume_from_their_folder(tmp_path, monkeypatch, caplog):
         with pytest.raises(FileExistsError, match=r"written by SLURM job 123, not by this job \(SLURM job 456\)"):
             resume_checkpoint(ckpt_path, tmp_path)
     assert resume_checkpoint("last", tmp_path) == str(last)
+    assert resume_checkpoint(earlier, tmp_path) == earlier  # a rollback, requeued before its first save
+    assert resume_checkpoint("other/run/last.ckpt", tmp_path, fit=False) == "other/run/last.ckpt"  # test-only
     _checkpoint_by(last, None)  # a run outside any scheduler wrote it
-    with pytest.raises(FileExistsError, match="written by a run outside this scheduler"):
+    with pytest.raises(FileExistsError, match="written by a run outside any scheduler"):
         resume_checkpoint(None, tmp_path)
+    # a checkpoint of an sgma that did not record its job: a SLURM-restarted job takes it (requeued across an
+    # update), a submitit job that SLURM did not restart does not
+    torch.save({"callbacks": {ResumeState.__qualname__: {"rng": []}}}, last)
+    with pytest.raises(FileExistsError, match="written by a run that did not record its job"):
+        resume_checkpoint(None, tmp_path)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with caplog.at_level("WARNING", logger="sgma"):
+        assert resume_checkpoint(None, tmp_path) == str(last)
+    assert "does not record the job that wrote it; resuming it as this job's own" in caplog.text
 
 
 def test_a_local_submitit_job_is_known_by_its_controller_process(monkeypatch):
@@ -240,6 +255,9 @@ def test_a_local_submitit_job_is_known_by_its_controller_process(monkeypatch):
     assert scheduler_job() == job
     monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", str(os.getppid()))
     assert scheduler_job() != job
+    # inside a SLURM allocation a local job inherits the allocation's SLURM_JOB_ID, shared by all its jobs
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert scheduler_job().startswith(f"submitit local job {os.getppid()} on ")
 
 
 def test_time_limit_signal_saves_then_ckpt_path_last_resumes(tmp_path):
@@ -273,6 +291,12 @@ def test_time_limit_signal_saves_then_ckpt_path_last_resumes(tmp_path):
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"ckpt_path=last: resuming from {last}" in proc.stderr + proc.stdout
+    # the command again without ckpt_path=last would train over that run: refused before Hydra writes its files
+    hydra_files = {p: p.read_bytes() for p in [*run.glob(".hydra/*.yaml"), last]}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and f"training from scratch would overwrite the run in {run}" in proc.stderr
+    assert {p: p.read_bytes() for p in hydra_files} == hydra_files
 
 
 # ------------------------------------------------------------------------------------------ local sweep
@@ -311,15 +335,16 @@ def test_submitit_local_sweep_runs_jobs_in_parallel(tmp_path):
     assert len(summary.settings) == 1 and cell.n == 2 and cell.std == pytest.approx(np.std(avg, ddof=1))
     assert "Sweep summary" in proc.stdout and "| 1, 2 | 2 |" in proc.stdout  # printed by the callback
     assert all((sweep / name).is_file() for name in ("summary.md", "summary.csv", "summary.png"))
-    # the same sweep launched again into that folder: its jobs find the first sweep's checkpoints, written by other
-    # jobs, and stop instead of resuming them as if requeued (or training over them)
-    checkpoints = {p: p.read_bytes() for p in sweep.glob("*/checkpoints/*.ckpt")}
+    # the same sweep launched again into that folder is refused before any job starts: its jobs would resume the
+    # first sweep's runs as if requeued, or overwrite them (their .hydra/overrides.yaml first)
+    files = {p: p.read_bytes() for p in [*sweep.glob("*/checkpoints/*.ckpt"), *sweep.glob("*/.hydra/*.yaml")]}
+    submitted = sorted((sweep / ".submitit").iterdir())
     again = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(tmp_path),
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 1, (again.stdout + again.stderr)[-3000:]
-    assert re.search(r"sweep/0/checkpoints/last\.ckpt was written by submitit local job \d+ on .*, not by this job "
-                     r"\(submitit local job \d+ on", again.stderr), again.stderr[-3000:]  # fmt: skip
-    assert len(checkpoints) >= 4 and {p: p.read_bytes() for p in sweep.glob("*/checkpoints/*.ckpt")} == checkpoints
+    assert f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep" in again.stderr, again.stderr[-3000:]
+    assert len(files) >= 10 and {p: p.read_bytes() for p in files} == files
+    assert sorted((sweep / ".submitit").iterdir()) == submitted  # nothing submitted
 
 
 # ------------------------------------------------------------------------------------------ Optuna

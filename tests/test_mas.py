@@ -178,6 +178,17 @@ def _train_one_step_on_rank(rank: int, world: int, tmp_path: Path) -> None:
         sums = {name: [t.clone() for t in pair] for name, pair in module._epoch_sums.items()}
         torch.save({"ema": module.mas_loss_ema.clone(), "sums": sums, "means": module._epoch_means()},
                    tmp_path / f"rank{rank}.pt")  # fmt: skip
+        if (
+            rank == 1
+        ):  # a step that diverges on one rank only: every rank must stop (a lone one left the others waiting)
+            batch = {k: torch.full_like(v, float("nan")) if k in module.modality_names else v for k, v in batch.items()}
+        module.training_step(batch, 1)
+        try:
+            module._check_finite()
+            stopped = "did not stop"
+        except FloatingPointError as err:
+            stopped = str(err)
+        (tmp_path / f"rank{rank}.txt").write_text(stopped)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -185,8 +196,11 @@ def _train_one_step_on_rank(rank: int, world: int, tmp_path: Path) -> None:
 def test_ddp_ranks_pool_the_loss_fragility_and_the_epoch_means(tmp_path):
     """Under DDP every rank's samples count: the loss-based fragility EMA (model=mas_only) is updated from all
     ranks' losses, so the ranks agree (DDP used to broadcast rank 0's EMA, which had seen rank 0's samples only),
-    and the epoch means of the losses and MAS draws pool the ranks' sums (they were rank 0's)."""
+    and the epoch means of the losses and MAS draws pool the ranks' sums (they were rank 0's). A loss that is not
+    finite on one rank stops every rank."""
     torch.multiprocessing.spawn(_train_one_step_on_rank, args=(2, tmp_path), nprocs=2)
+    assert (tmp_path / "rank1.txt").read_text().startswith("training loss is nan at step 0")
+    assert "training loss is not finite on another DDP rank" in (tmp_path / "rank0.txt").read_text()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert torch.equal(ranks[0]["ema"], ranks[1]["ema"])
     assert not torch.equal(ranks[0]["ema"], torch.ones_like(ranks[0]["ema"]))  # it did move

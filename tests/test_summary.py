@@ -237,10 +237,10 @@ def test_ablation_experiment_sweeps_presets_regimes_and_seeds():
 def test_summary_callback_failure_stops_the_command(tmp_path):
     """Hydra turns a callback's exception into a warning (exit status 0): a sweep without any finished job must
     end in an error, as python -m sgma.summary does."""
-    from sgma.cluster import SweepRefused
+    from sgma.cluster import Refused
     from sgma.summary import SummariseSweep
 
     cfg = compose_config("train", ["experiment=ablation", f"hydra.sweep.dir={tmp_path}"])
-    with pytest.raises(SweepRefused, match=str(tmp_path)) as info:
+    with pytest.raises(Refused, match=str(tmp_path)) as info:
         SummariseSweep().on_multirun_end(cfg)
     assert info.value.code.startswith(("FileNotFoundError", "ValueError"))

@@ -8,9 +8,11 @@ submitted.
   :func:`requeue` hands the job back to SLURM after that save.
 - :func:`resume_checkpoint`: ``ckpt_path=last`` resumes the run folder's ``last.ckpt``; a job that SLURM or
   submitit restarted (requeued after its time limit or a preemption) runs the same command in the same folder and
-  resumes from that checkpoint by itself.
+  resumes from that checkpoint by itself, if it wrote it (:func:`scheduler_job`).
 - :func:`check_shared_run_dir`: the tasks that ``srun`` starts compose their configs separately; a run folder named
   by the time would differ per task.
+- :class:`RunFolderCheck` (a Hydra callback, ``conf/hydra/default.yaml``): a training run or sweep into the folder of an
+  earlier run is refused before Hydra writes there.
 - :class:`LauncherCheck` (a Hydra callback, ``conf/hydra/default.yaml``): before a submitit sweep is submitted, the
   launcher's nodes and tasks agree with ``trainer.num_nodes`` and ``trainer.devices``.
 """
@@ -26,6 +28,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -73,36 +76,74 @@ def restarted_job() -> str | None:
     return None
 
 
+UNRECORDED = "a run that did not record its job (an sgma before checkpoints named it)"
+
+
 def scheduler_job() -> str | None:
-    """This job's id at its scheduler, the same across its restarts, or None outside one: SLURM's (also under
-    submitit's SLURM executor), or submitit's local job id, the process that starts and restarts the job's tasks
-    (with the host and that process's start time: process ids are reused)."""
-    slurm = slurm_job_id()
-    if slurm is not None:
-        return f"SLURM job {slurm}"
+    """This job's id at its scheduler, the same across its restarts, or None outside one: submitit's local job id,
+    the process that starts and restarts the job's tasks (with the host and that process's start time: process ids
+    are reused), else SLURM's (also under submitit's SLURM executor). Local first: a local submitit job inside a
+    SLURM allocation inherits the allocation's SLURM_JOB_ID, which all its jobs share."""
     local = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-    if local is None:
-        return None
-    try:  # field 22 of /proc/<pid>/stat, counted after the command name (which may hold spaces)
-        started = Path(f"/proc/{local}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        started = "?"
-    return f"submitit local job {local} on {socket.gethostname()} (started at tick {started})"
+    if local is not None:
+        try:  # field 22 of /proc/<pid>/stat, counted after the command name (which may hold spaces)
+            started = Path(f"/proc/{local}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            started = "?"
+        return f"submitit local job {local} on {socket.gethostname()} (started at tick {started})"
+    slurm = slurm_job_id()
+    return None if slurm is None else f"SLURM job {slurm}"
 
 
 def checkpoint_job(path: Path) -> str | None:
-    """The scheduler job that wrote the checkpoint at ``path`` (:class:`~sgma.recovery.ResumeState` records it),
-    None for a run outside a scheduler (or a checkpoint from before that record)."""
-    states = load_checkpoint_safely(path, what="the run folder's checkpoint").get("callbacks", {})
-    return (states.get(ResumeState.__qualname__) or {}).get("job")
+    """The scheduler job that wrote the checkpoint at ``path`` (:class:`~sgma.recovery.ResumeState` records it):
+    None for a run outside a scheduler, :data:`UNRECORDED` for a checkpoint from before that record."""
+    try:  # memory-mapped: reads the one record, not the tensors
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # say what is wrong with the file, as a resumed checkpoint's load would
+        ckpt = load_checkpoint_safely(path, what="the run folder's checkpoint")
+    states = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
+    state = states.get(ResumeState.__qualname__) if isinstance(states, dict) else None
+    return state["job"] if isinstance(state, dict) and "job" in state else UNRECORDED
+
+
+def _own_checkpoint(last: Path, restart: str | None) -> tuple[bool, str | None]:
+    """Whether this job wrote ``last``, and which job did. A SLURM-restarted job takes an unrecorded one as its own
+    (a job requeued across an update of sgma), with a warning."""
+    written_by = checkpoint_job(last)
+    if written_by == UNRECORDED and restart is not None:
+        log.warning("%s: %s does not record the job that wrote it; resuming it as this job's own", restart, last)
+        return True, written_by
+    return written_by == scheduler_job(), written_by
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 def _not_this_jobs(last: Path, written_by: str | None) -> FileExistsError:
     return FileExistsError(
-        f"{last} was written by {written_by or 'a run outside this scheduler'}, not by this job ({scheduler_job()}): "
-        "a new job (a sweep launched again into the same hydra.sweep.dir?) must neither resume nor overwrite another "
-        "job's run. Launch it into a new folder (leave hydra.sweep.dir / hydra.run.dir unset for a timestamped one), "
-        f"delete {last.parent.parent}, or resume that checkpoint on purpose with ckpt_path=last"
+        f"{last} was written by {written_by or 'a run outside any scheduler'}, not by this job ({scheduler_job()}): "
+        "a job neither resumes nor overwrites another job's run (a folder used again, e.g. a sweep launched again "
+        "into the same hydra.sweep.dir). Launch it into a new folder (leave hydra.sweep.dir / hydra.run.dir unset "
+        f"for a timestamped one), delete {last.parent.parent}, or resume that checkpoint on purpose with ckpt_path=last"
+    )
+
+
+def _folder_in_use(run_dir: Path, doing: str) -> FileExistsError:
+    held = checkpoints_in(run_dir)
+    return FileExistsError(
+        f"{doing} would overwrite the run in {run_dir}, which holds {held[0].name}"
+        + (f" and {len(held) - 1} more checkpoint(s)" if len(held) > 1 else "")
+        + ". Resume that run with ckpt_path=last, train in a new folder (leave hydra.run.dir unset for a timestamped "
+        f"one, or name another), or delete {run_dir} first"
     )
 
 
@@ -113,34 +154,41 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path, *, fit: bool = True) -> str
     A restarted job runs the same command in the same folder (submitit's job folder, or the ``hydra.run.dir`` of an
     sbatch script), so its ``last.ckpt`` is where it stopped: submitit jobs and jobs with SLURM_RESTART_COUNT >= 1
     resume from it without being told, also when the command names another ``ckpt_path`` (the one the job first
-    started from; resuming that again would throw away every requeue's progress). Each case is logged. The
-    checkpoint must have been written by this very job (:func:`checkpoint_job`); another job's, e.g. of an earlier
-    sweep into the same folder, is refused (FileExistsError), as is training (``fit``) from scratch or from another
-    checkpoint in a folder that holds a ``last.ckpt``: either would overwrite that run's checkpoints.
+    started from; resuming that again would throw away every requeue's progress). Each case is logged.
+
+    Nothing is resumed or overwritten by mistake (FileExistsError otherwise): a job resumes only a checkpoint that
+    it wrote itself (:func:`checkpoint_job`; another job's is one of an earlier run in a folder used again), and
+    training (``fit``) from scratch or from another checkpoint is refused in a folder that holds checkpoints;
+    ``ckpt_path=last`` resumes on purpose, and a ``ckpt_path`` in the run's own checkpoints folder restarts the run
+    from there.
     """
     last = run_dir / "checkpoints" / LAST
     restart = restarted_job()
     submitit = os.environ.get("SUBMITIT_EXECUTOR")  # a submitit job: its folder is its own, across restarts
     why = restart or (f"submitit ({submitit}) job" if submitit else None)
     if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
-        if not last.is_file() or last.resolve() == Path(str(ckpt_path)).resolve():
-            return str(ckpt_path)
-        if why is None and Path(str(ckpt_path)).resolve().parent == last.parent.resolve():
-            return str(ckpt_path)  # this run again from one of its own earlier checkpoints
-        if why is not None and (written_by := checkpoint_job(last)) == scheduler_job():
-            log.info("%s: resuming from its own %s, not ckpt_path=%s (where it first started)", why, last, ckpt_path)
-            return str(last)
-        if why is not None:
-            raise _not_this_jobs(last, written_by)
-        if fit:
-            raise _folder_in_use(last, f"training from ckpt_path={ckpt_path}")
+        given = Path(str(ckpt_path)).expanduser()
+        rollback = _same_file(given.parent, last.parent)  # one of this run's own checkpoints
+        if not fit:
+            return str(ckpt_path)  # testing it writes no checkpoint
+        if why is not None and last.is_file() and not _same_file(given, last):
+            own, written_by = _own_checkpoint(last, restart)
+            if own:
+                log.info("%s: resuming from its own %s, not ckpt_path=%s (where it started)", why, last, ckpt_path)
+                return str(last)
+            if not rollback:
+                raise _not_this_jobs(last, written_by)
+        elif why is None and checkpoints_in(run_dir) and not rollback:
+            raise _folder_in_use(run_dir, f"training from ckpt_path={ckpt_path}")
         return str(ckpt_path)
     if ckpt_path is None and why is None:
-        if fit and last.is_file():
-            raise _folder_in_use(last, "training from scratch")
+        if fit and checkpoints_in(run_dir):
+            raise _folder_in_use(run_dir, "training from scratch")
         return None
-    if ckpt_path is None and last.is_file() and (written_by := checkpoint_job(last)) != scheduler_job():
-        raise _not_this_jobs(last, written_by)
+    if ckpt_path is None and last.is_file():
+        own, written_by = _own_checkpoint(last, restart)
+        if not own:
+            raise _not_this_jobs(last, written_by)
     why = "ckpt_path=last" if ckpt_path is not None else why
     if last.is_file():
         log.info("%s: resuming from %s", why, last)
@@ -162,14 +210,6 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path, *, fit: bool = True) -> str
             last,
         )
     return None
-
-
-def _folder_in_use(last: Path, doing: str) -> FileExistsError:
-    return FileExistsError(
-        f"{doing} would overwrite the checkpoints of the run in {last.parent.parent} ({last} exists). Resume that run "
-        "with ckpt_path=last, train in a new folder (leave hydra.run.dir unset for a timestamped one, or name "
-        f"another), or delete {last.parent} first"
-    )
 
 
 def fresh_default_folder(run_dir: Path) -> bool:
@@ -249,14 +289,14 @@ def check_shared_run_dir() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- launcher check
-class SweepRefused(SystemExit):
-    """A Hydra callback refusing a sweep. Hydra turns an ``Exception`` raised in a callback into a warning and
-    launches the jobs anyway, so a refusal leaves as ``SystemExit``: the message on stderr, exit status 1."""
+class Refused(SystemExit):
+    """A Hydra callback refusing a run or a sweep. Hydra turns an ``Exception`` raised in a callback into a warning
+    and runs the jobs anyway, so a refusal leaves as ``SystemExit``: the message on stderr, exit status 1."""
 
 
-def refuse_sweep(err: Exception) -> SweepRefused:
+def refuse(err: Exception) -> Refused:
     log.error("%s", err)
-    return SweepRefused(f"{type(err).__name__}: {err}")
+    return Refused(f"{type(err).__name__}: {err}")
 
 
 # what the submitit launchers take their resources from (conf/hydra/launcher/submitit_*.yaml): these keys and
@@ -284,13 +324,13 @@ class LauncherCheck(Callback):
     in every job, after its wait in the queue), and no value they come from may be swept. The launcher's own
     values are resolved here too, so the ``sgma.*`` resolvers (:mod:`sgma.config`) refuse a missing partition or
     a non-numeric device count at once. A refusal stops the sweep before anything is submitted
-    (:class:`SweepRefused`)."""
+    (:class:`Refused`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             self.check(config)
         except Exception as err:
-            raise refuse_sweep(err) from err
+            raise refuse(err) from err
 
     def check(self, config: DictConfig) -> None:
         target = config.hydra.launcher.get("_target_")
@@ -315,6 +355,48 @@ class LauncherCheck(Callback):
             check_local_launcher(launcher, devices)
         else:
             check_slurm_launcher(launcher, devices, nodes)
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback: a training run or sweep that would overwrite an earlier run's checkpoints (the rules of
+    :func:`resume_checkpoint`) is refused before Hydra writes into its folder: a refused run leaves the earlier run
+    as it was, ``.hydra/overrides.yaml`` included (what :mod:`sgma.summary` groups a sweep's jobs by). Restarted
+    jobs and the jobs of a sweep are judged again by ``train()``, knowing the job that wrote the checkpoint."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("train") or restarted_job() or os.environ.get("SUBMITIT_EXECUTOR"):
+            return
+        run_dir = _fixed_folder(config.hydra.run)
+        try:
+            if run_dir is not None:
+                resume_checkpoint(config.get("ckpt_path"), run_dir, fit=True)
+        except FileExistsError as err:
+            raise refuse(err) from err
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("train") or str(config.get("ckpt_path")) == RESUME_LAST:
+            return
+        sweep_dir = _fixed_folder(config.hydra.sweep)
+        held = [] if sweep_dir is None else sorted(sweep_dir.glob("*/checkpoints/*.ckpt"))
+        if held:
+            more = f" and {len(held) - 1} more checkpoint(s)" if len(held) > 1 else ""
+            raise refuse(
+                FileExistsError(
+                    f"hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({held[0]}{more}): this sweep's "
+                    "jobs would overwrite them, starting with their .hydra/overrides.yaml. Launch it into a new folder "
+                    f"(leave hydra.sweep.dir unset for a timestamped one), delete {sweep_dir}, or resume those runs "
+                    "with ckpt_path=last"
+                )
+            )
+
+
+def _fixed_folder(node: DictConfig) -> Path | None:
+    """``hydra.run`` / ``hydra.sweep``'s folder when it is named on the command line or in a config; None for the
+    default one named by the time (new for every run)."""
+    raw = OmegaConf.to_container(node, resolve=False).get("dir")
+    if not isinstance(raw, str) or "${now:" in raw:
+        return None
+    return Path(str(node.dir))
 
 
 def check_slurm_launcher(launcher: dict, devices: Any, nodes: Any) -> None:

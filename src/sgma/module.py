@@ -27,9 +27,8 @@ warnings.filterwarnings(
 # hundred per evaluation). Ours are equal on every rank by construction: the pattern and summary metrics come from
 # the all-reduced confusion matrices (`<split>/<pattern or summary>/<metric>`), the MAS and robustness means and
 # `train/loss_main|mas` from all-reduced sums. The hint stays for any other name (`train/loss` is rank 0's mean).
-warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self\.log\('(?:[^'/]+/[^'/]+/[^']+|mas/[^']+|train/loss_ma(?:in|s))'"
-)
+RANK_EQUAL_NAMES = r"(?:(?:train|val|test)/[^'/]+/[^']+|mas/[^']+|train/loss_ma(?:in|s))'"
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('" + RANK_EQUAL_NAMES)
 
 
 def rows_from(keep: Tensor) -> Tensor:
@@ -310,14 +309,21 @@ class SegmentationModule(L.LightningModule):
         self._bad_loss = torch.where(bad, loss, self._bad_loss)
 
     def _check_finite(self) -> None:
-        """Raise if a training loss was not finite (one read of a device flag)."""
+        """Raise if a training loss was not finite (one read of a device flag), on every DDP rank at once: a rank
+        that raised alone would leave the others waiting for it in the next collective."""
         if self._bad_step is None:
+            return
+        if int(sum_over_ranks((self._bad_step >= 0).long())[0]) == 0:  # how many ranks saw one
             return
         step = int(self._bad_step)
         if step >= 0:
             raise FloatingPointError(
                 f"training loss is {float(self._bad_loss)} at step {step}; lower optimizer.lr or check the inputs"
             )
+        raise FloatingPointError(
+            "training loss is not finite on another DDP rank (its log says at which step); lower optimizer.lr or "
+            "check the inputs"
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # every log_every_n_steps batches and before the epoch's validation, so that a NaN is reported before

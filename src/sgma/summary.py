@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from sgma.cluster import refuse_sweep
+from sgma.cluster import refuse
 from sgma.figures import DPI, png_bytes
 from sgma.reporting import SUMMARY_LABELS, write_file_set
 
@@ -357,7 +357,7 @@ class SummariseSweep(Callback):
         try:
             summary, paths = write_summary(folder)
         except Exception as err:  # Hydra would only warn and exit 0
-            raise refuse_sweep(err) from err
+            raise refuse(err) from err
         print(f"\nSweep summary ({folder}):\n\n{to_markdown(summary)}", flush=True)
         log.info("written: %s", ", ".join(str(p) for p in paths))
 
