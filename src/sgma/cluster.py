@@ -35,7 +35,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from sgma.checkpoint import load_checkpoint_safely
-from sgma.recovery import LAST, ResumeState, TrainingInterrupted
+from sgma.recovery import LAST, TrainingInterrupted, stored_resume_state
 
 # conf/hydra/default.yaml names run and sweep folders ${now:%Y-%m-%d_%H-%M-%S_%f}
 TIMESTAMPED = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}")
@@ -102,9 +102,8 @@ def checkpoint_job(path: Path) -> str | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # say what is wrong with the file, as a resumed checkpoint's load would
         ckpt = load_checkpoint_safely(path, what="the run folder's checkpoint")
-    states = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
-    state = states.get(ResumeState.__qualname__) if isinstance(states, dict) else None
-    return state["job"] if isinstance(state, dict) and "job" in state else UNRECORDED
+    state = stored_resume_state(ckpt) if isinstance(ckpt, dict) else {}
+    return state.get("job", UNRECORDED)
 
 
 def _own_checkpoint(last: Path, restart: str | None) -> tuple[bool, str | None]:
@@ -137,12 +136,16 @@ def _not_this_jobs(last: Path, written_by: str | None) -> FileExistsError:
     )
 
 
+def _first_of(held: list[str]) -> str:
+    """The first of ``held`` checkpoints and how many more there are."""
+    return held[0] + (f" and {len(held) - 1} more checkpoint(s)" if len(held) > 1 else "")
+
+
 def _folder_in_use(run_dir: Path, doing: str) -> FileExistsError:
-    held = checkpoints_in(run_dir)
+    held = _first_of([p.name for p in checkpoints_in(run_dir)])
     return FileExistsError(
-        f"{doing} would overwrite the run in {run_dir}, which holds {held[0].name}"
-        + (f" and {len(held) - 1} more checkpoint(s)" if len(held) > 1 else "")
-        + ". Resume that run with ckpt_path=last, train in a new folder (leave hydra.run.dir unset for a timestamped "
+        f"{doing} would overwrite the run in {run_dir}, which holds {held}. "
+        "Resume that run with ckpt_path=last, train in a new folder (leave hydra.run.dir unset for a timestamped "
         f"one, or name another), or delete {run_dir} first"
     )
 
@@ -167,10 +170,10 @@ def resume_checkpoint(ckpt_path: Any, run_dir: Path, *, fit: bool = True) -> str
     submitit = os.environ.get("SUBMITIT_EXECUTOR")  # a submitit job: its folder is its own, across restarts
     why = restart or (f"submitit ({submitit}) job" if submitit else None)
     if ckpt_path is not None and str(ckpt_path) != RESUME_LAST:
-        given = Path(str(ckpt_path)).expanduser()
-        rollback = _same_file(given.parent, last.parent)  # one of this run's own checkpoints
         if not fit:
             return str(ckpt_path)  # testing it writes no checkpoint
+        given = Path(str(ckpt_path)).expanduser()
+        rollback = _same_file(given.parent, last.parent)  # one of this run's own checkpoints
         if why is not None and last.is_file() and not _same_file(given, last):
             own, written_by = _own_checkpoint(last, restart)
             if own:
@@ -267,6 +270,13 @@ def requeue(err: TrainingInterrupted) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run folders
+def _named_by_time(node: DictConfig) -> str | None:
+    """``hydra.run`` / ``hydra.sweep``'s folder as written (unresolved) when it is named by the time (``${now:...}``,
+    a new folder for every run), else None."""
+    raw = OmegaConf.to_container(node, resolve=False).get("dir")
+    return raw if isinstance(raw, str) and "${now:" in raw else None
+
+
 def check_shared_run_dir() -> None:
     """Refuse a run started as several ``srun`` tasks (one per device) whose run folder is named by the time: each
     task composes its config on its own, so each would name a different folder (the checkpoints would land in rank
@@ -277,10 +287,9 @@ def check_shared_run_dir() -> None:
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    raw = OmegaConf.to_container(hydra_cfg.run, resolve=False).get("dir")
-    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-        raw = OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("dir")
-    if isinstance(raw, str) and "${now:" in raw:
+    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+    raw = _named_by_time(hydra_cfg.sweep if multirun else hydra_cfg.run)
+    if raw:
         raise ValueError(
             f"srun started {tasks} tasks of this run, and its folder is named by the time ({raw}), which every task "
             "resolves on its own: give them one folder, e.g. hydra.run.dir=logs/train/runs/slurm-$SLURM_JOB_ID "
@@ -367,9 +376,10 @@ class RunFolderCheck(Callback):
         if not config.get("train") or restarted_job() or os.environ.get("SUBMITIT_EXECUTOR"):
             return
         run_dir = _fixed_folder(config.hydra.run)
+        if run_dir is None:
+            return
         try:
-            if run_dir is not None:
-                resume_checkpoint(config.get("ckpt_path"), run_dir, fit=True)
+            resume_checkpoint(config.get("ckpt_path"), run_dir, fit=True)
         except FileExistsError as err:
             raise refuse(err) from err
 
@@ -377,12 +387,11 @@ class RunFolderCheck(Callback):
         if not config.get("train") or str(config.get("ckpt_path")) == RESUME_LAST:
             return
         sweep_dir = _fixed_folder(config.hydra.sweep)
-        held = [] if sweep_dir is None else sorted(sweep_dir.glob("*/checkpoints/*.ckpt"))
+        held = [] if sweep_dir is None else [str(p) for p in sorted(sweep_dir.glob("*/checkpoints/*.ckpt"))]
         if held:
-            more = f" and {len(held) - 1} more checkpoint(s)" if len(held) > 1 else ""
             raise refuse(
                 FileExistsError(
-                    f"hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({held[0]}{more}): this sweep's "
+                    f"hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({_first_of(held)}): this sweep's "
                     "jobs would overwrite them, starting with their .hydra/overrides.yaml. Launch it into a new folder "
                     f"(leave hydra.sweep.dir unset for a timestamped one), delete {sweep_dir}, or resume those runs "
                     "with ckpt_path=last"
@@ -393,10 +402,7 @@ class RunFolderCheck(Callback):
 def _fixed_folder(node: DictConfig) -> Path | None:
     """``hydra.run`` / ``hydra.sweep``'s folder when it is named on the command line or in a config; None for the
     default one named by the time (new for every run)."""
-    raw = OmegaConf.to_container(node, resolve=False).get("dir")
-    if not isinstance(raw, str) or "${now:" in raw:
-        return None
-    return Path(str(node.dir))
+    return None if _named_by_time(node) else Path(str(node.dir))
 
 
 def check_slurm_launcher(launcher: dict, devices: Any, nodes: Any) -> None:

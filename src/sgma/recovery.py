@@ -606,6 +606,13 @@ def resume_differences(saved: Mapping, current: Mapping) -> list[str]:
     return diffs
 
 
+def stored_resume_state(ckpt: Mapping) -> Mapping:
+    """What :class:`ResumeState` saved in a loaded checkpoint (empty if nothing)."""
+    states = ckpt.get("callbacks")
+    state = states.get(ResumeState.__qualname__) if isinstance(states, Mapping) else None
+    return state if isinstance(state, Mapping) else {}
+
+
 def check_resume(stored: Mapping | None, current: Mapping, ckpt: Mapping, *, path: Path, force: bool) -> dict:
     """Refuse to resume ``ckpt`` (loaded from ``path``, trained with the config ``stored``) with a config that
     trains something else; return what the resumed run needs from it: ``{"wandb_id", "wandb_group", "epoch",
@@ -626,7 +633,7 @@ def check_resume(stored: Mapping | None, current: Mapping, ckpt: Mapping, *, pat
                 f"checkpoint)"
             )
         log.warning("resume_force=true: resuming %s with a different config:\n  %s", path, listed)
-    state = ckpt.get("callbacks", {}).get(ResumeState.__qualname__, {})
+    state = stored_resume_state(ckpt)
     return {
         "wandb_id": state.get("wandb_id"),
         "wandb_group": state.get("wandb_group"),
